@@ -1,0 +1,132 @@
+"""The one trajectory runner. Every RewardLab method is this loop plus a per-step gradient policy.
+
+    x_T ─► step ─► step ─► … ─► step ─► x_0          (denoiser: model(x, sigma, **extra) -> x̂0)
+           ╰ no-grad prefix ╯ ╰ grad suffix ╯
+
+How the methods map onto it (see algorithms.md):
+  DRaFT        Policy.all()                        grad through every step (checkpoint=True to fit memory)
+  DRaFT-K      Policy.last(k)                      steps before the last k run without a graph
+  DRaFT-LV     no-grad chain, then sample(sigmas=[σ1, 0]) on n re-noised copies, grad on that one step
+  AlignProp    Policy.last(k) with k drawn once per trajectory; prefix="detach" gives TRL's semantics
+  ReFL         sample(sigmas[:m+2]) with Policy.last(1): the returned ``denoised`` is the one-step x̂0 at step m
+  DRTune       Policy.at(steps, stop_grad_input=True): θ-grads at sparse steps, no UNet Jacobian between them
+  ReNO/DOODL   the noise is the leaf: Policy.all(checkpoint=True) and x_T requires grad
+"""
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .steps import get_step
+
+
+class Cancelled(RuntimeError):
+    """Raised when the ``cancel`` hook asks the runner to stop; carries the step index reached."""
+
+    def __init__(self, step):
+        super().__init__(f"sampling cancelled at step {step}")
+        self.step = step
+
+
+class Trajectory(NamedTuple):
+    x: torch.Tensor          # the final sample (at sigmas[-1])
+    denoised: torch.Tensor   # the last x̂0 prediction (at sigmas[-2])
+
+
+@dataclass
+class Policy:
+    """Per-step gradient policy. Steps are numbered 0..n-1 from the noisiest."""
+
+    grad: Callable[[int, int], bool] = field(default=lambda i, n: True)
+    # Steps without grad: "no_grad" cuts the graph there (DRaFT-K); "detach" only detaches the denoiser
+    # output, so the linear skip path x -> x' stays differentiable (AlignProp/TRL truncation).
+    prefix: str = "no_grad"
+    checkpoint: bool = False                        # recompute each grad step's denoiser call in backward
+    stop_grad_input: Callable[[int, int], bool] = field(default=lambda i, n: False)   # DRTune's sg(x_t)
+
+    @classmethod
+    def all(cls, **kw):
+        return cls(**kw)
+
+    @classmethod
+    def none(cls, **kw):
+        return cls(grad=lambda i, n: False, **kw)
+
+    @classmethod
+    def last(cls, k, **kw):
+        """Gradient only through the last k steps (DRaFT-K, AlignProp with k drawn by the caller)."""
+        return cls(grad=lambda i, n: i >= n - k, **kw)
+
+    @classmethod
+    def at(cls, steps, stop_grad_input=False, **kw):
+        """Gradient at an explicit set of steps, optionally with stop-grad on the denoiser input (DRTune)."""
+        steps = frozenset(steps)
+        return cls(grad=lambda i, n: i in steps,
+                   stop_grad_input=(lambda i, n: i in steps) if stop_grad_input else (lambda i, n: False), **kw)
+
+    def __post_init__(self):
+        if self.prefix not in ("no_grad", "detach"):
+            raise ValueError(f"prefix must be 'no_grad' or 'detach', got {self.prefix!r}")
+
+
+def noise_scaling(sigma, noise, latent=None, flow=False, max_denoise=True):
+    """x at the first sigma, as ComfyUI's model_sampling.noise_scaling: flow mixes (1-σ)·latent + σ·noise;
+    ε/v models add σ·noise, or sqrt(1+σ²)·noise when starting from pure noise (the VP prior x_T ~ N(0, I))."""
+    latent = torch.zeros_like(noise) if latent is None else latent
+    if flow:
+        return sigma * noise + (1 - sigma) * latent
+    scale = (sigma**2 + 1) ** 0.5 if max_denoise else sigma
+    return latent + noise * scale
+
+
+def _denoise(model, x, sigma, extra, use_checkpoint):
+    s = sigma.expand(x.shape[0])
+    if use_checkpoint:
+        return checkpoint(lambda a: model(a, s, **extra), x, use_reentrant=False)
+    return model(x, s, **extra)
+
+
+def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callback=None, cancel=None,
+           generator=None, flow=False):
+    """Run ``model`` from x (already at sigmas[0]) down the sigmas. Returns Trajectory(x, denoised).
+
+    step:      a name from steps.STEPS or a step function.
+    policy:    which steps record gradients (default: all, i.e. the ambient grad mode decides).
+    callback:  called after every step with dict(i, n, x, denoised, sigma, sigma_next) (detached tensors).
+    cancel:    called before every step; a truthy return raises Cancelled.
+    generator: torch.Generator for ancestral noise, so a trajectory is reproducible (e.g. fixed across ReNO
+               iterations) without touching the global RNG.
+    """
+    step_fn = get_step(step, flow=flow) if isinstance(step, str) else step
+    policy = policy or Policy.all()
+    extra = extra_args or {}
+    sigmas = sigmas.to(device=x.device, dtype=torch.float32)
+    n = len(sigmas) - 1
+    if n < 1:
+        raise ValueError("sigmas needs at least two entries (one step)")
+    state = {}
+    outer_grad = torch.is_grad_enabled()
+
+    def noise():
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                           device=generator.device if generator is not None else "cpu").to(x)
+
+    denoised = None
+    for i in range(n):
+        if cancel is not None and cancel():
+            raise Cancelled(i)
+        on = outer_grad and policy.grad(i, n)
+        with torch.set_grad_enabled(on):
+            inp = x.detach() if on and policy.stop_grad_input(i, n) else x
+            denoised = _denoise(model, inp, sigmas[i], extra, on and policy.checkpoint)
+        if not on:
+            denoised = denoised.detach()
+            if policy.prefix == "no_grad":
+                x = x.detach()
+        with torch.set_grad_enabled(outer_grad and (on or policy.prefix == "detach")):
+            x = step_fn(x, denoised, sigmas, i, state, noise)
+        if callback is not None:
+            callback({"i": i, "n": n, "x": x.detach(), "denoised": denoised.detach(),
+                      "sigma": sigmas[i], "sigma_next": sigmas[i + 1]})
+    return Trajectory(x, denoised)
