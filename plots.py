@@ -1,0 +1,79 @@
+"""Small line plots drawn with PIL and returned as a ComfyUI IMAGE (1, H, W, 3), so curves show up in the graph
+like any other image (preview, save, compare) without a matplotlib dependency."""
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 64, 16, 28, 40
+
+
+def _nice_ticks(lo, hi, count=5):
+    if not math.isfinite(lo) or not math.isfinite(hi):
+        return []
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / count
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), default=mag * 10)
+    start = math.ceil(lo / step) * step
+    return [start + k * step for k in range(int((hi - start) / step) + 1)]
+
+
+def _fmt(v):
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def _finite_range(values):
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return 0.0, 1.0
+    lo, hi = min(vals), max(vals)
+    pad = (hi - lo) * 0.05 or max(abs(hi) * 0.05, 1e-3)
+    return lo - pad, hi + pad
+
+
+def line_plot(series, title="", xlabel="", ylabel="", x=None, markers=None, size=(640, 360)):
+    """Plot named series of floats. ``x`` is shared x values (default: 0..n-1); ``markers`` is a list of x
+    positions drawn as dashed vertical lines (e.g. checkpoints, guidance interval edges)."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    series = {k: [float(v) for v in vs] for k, vs in series.items() if len(vs)}
+    n = max((len(v) for v in series.values()), default=0)
+    xs = [float(v) for v in x] if x is not None else list(range(n))
+    x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    if x_hi == x_lo:
+        x_hi = x_lo + 1.0
+    y_lo, y_hi = _finite_range([v for vs in series.values() for v in vs])
+    pw, ph = w - MARGIN_L - MARGIN_R, h - MARGIN_T - MARGIN_B
+
+    def px(xv, yv):
+        return (MARGIN_L + (xv - x_lo) / (x_hi - x_lo) * pw, MARGIN_T + (1 - (yv - y_lo) / (y_hi - y_lo)) * ph)
+
+    d.rectangle([MARGIN_L, MARGIN_T, w - MARGIN_R, h - MARGIN_B], outline=(0, 0, 0))
+    for t in _nice_ticks(y_lo, y_hi):
+        _, yy = px(x_lo, t)
+        d.line([MARGIN_L, yy, w - MARGIN_R, yy], fill=(230, 230, 230))
+        d.text((4, yy - 6), _fmt(t), fill=(0, 0, 0))
+    for t in _nice_ticks(x_lo, x_hi):
+        xx, _ = px(t, y_lo)
+        d.text((xx - 8, h - MARGIN_B + 4), _fmt(t), fill=(0, 0, 0))
+    for m in markers or []:
+        xx, _ = px(float(m), y_lo)
+        for y0 in range(MARGIN_T, h - MARGIN_B, 8):
+            d.line([xx, y0, xx, y0 + 4], fill=(120, 120, 120))
+    for k, (name, vs) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        pts = [px(xs[i], v) for i, v in enumerate(vs) if i < len(xs) and math.isfinite(v)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        elif pts:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+        d.text((MARGIN_L + 8, MARGIN_T + 4 + 12 * k), name, fill=colour)
+    d.text((MARGIN_L, 8), title, fill=(0, 0, 0))
+    d.text((MARGIN_L + pw // 2 - 4 * len(xlabel), h - 16), xlabel, fill=(0, 0, 0))
+    d.text((w - MARGIN_R - 6 * len(ylabel), 8), ylabel, fill=(80, 80, 80))   # y label top-right, beside the title
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
