@@ -1,0 +1,93 @@
+"""Safe weight loading with errors that name the model and the expected layout.
+
+safetensors files are read with safetensors; .pt/.pth/.bin/.ckpt only with ``torch.load(weights_only=True)``, which
+refuses pickles that would construct arbitrary objects or run code.
+"""
+import os
+import pickle
+
+import torch
+
+PICKLE_EXTS = (".pt", ".pth", ".bin", ".ckpt")
+SAFE_EXTS = (".safetensors",)
+
+
+class RewardWeightsError(RuntimeError):
+    """A weight file is missing, unreadable, unsafe, or does not match the model it is loaded into."""
+
+
+def read_state_dict(path, model="reward", layout=""):
+    """A flat {key: tensor} dict from ``path``; unwraps {'state_dict': ...} and strips DataParallel 'module.'."""
+    hint = f" Expected layout: {layout}" if layout else ""
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise RewardWeightsError(f"{model}: weight file not found: {path}.{hint}")
+    if ext in SAFE_EXTS:
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as e:
+            raise RewardWeightsError(f"{model}: {path} is not a readable safetensors file ({e}).{hint}") from e
+    elif ext in PICKLE_EXTS:
+        state = _torch_load_safely(path, model, hint)
+    else:
+        raise RewardWeightsError(f"{model}: unsupported weight file {path}; use .safetensors (preferred) or "
+                                 f"a .pt/.pth state dict.{hint}")
+    return _flatten(state, path, model, hint)
+
+
+def _torch_load_safely(path, model, hint):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RewardWeightsError(
+            f"{model}: refused to load {path}: it is a pickle that needs arbitrary Python objects or code to load "
+            f"(weights_only=True rejected it: {str(e).splitlines()[0]}). Only plain tensor state dicts are accepted; "
+            f"convert the file once, in a trusted environment, to .safetensors.{hint}") from e
+    except Exception as e:
+        raise RewardWeightsError(f"{model}: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).{hint}") from e
+
+
+def _flatten(state, path, model, hint):
+    while isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise RewardWeightsError(f"{model}: {path} holds {type(state).__name__}, not a state dict of tensors.{hint}")
+    bad = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if bad:
+        raise RewardWeightsError(f"{model}: {path} has non-tensor entries {bad[:5]}; expected a state dict of tensors.{hint}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def describe_keys(module, limit=6):
+    """'key (shape), ...' for the first ``limit`` entries of a module's state dict: the layout a file must have."""
+    items = list(module.state_dict().items())
+    text = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items[:limit])
+    return text + (f", ... ({len(items)} tensors)" if len(items) > limit else "")
+
+
+def load_into(module, state, model="reward", path="", layout=""):
+    """Strictly load ``state`` into ``module`` (casting dtype); a key or shape mismatch raises RewardWeightsError
+    that lists what differs and the keys the model expects."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+        where = f" in {path}" if path else ""
+        raise RewardWeightsError(
+            f"{model}: the weights{where} do not match the model: {'; '.join(parts)}. "
+            f"Is this the right file for {model!r}? {('Expected layout: ' + layout + '. ') if layout else ''}"
+            f"Expected keys: {describe_keys(module)}")
+    module.load_state_dict(state, strict=True)
+    return module
