@@ -22,8 +22,11 @@ class DiscreteDenoiser(nn.Module):
     """A DDPM-trained network (diffusers UNet2DConditionModel or anything with the same call) predicting
     ε or v, wrapped as an x̂0 denoiser: input scaled by c_in = 1/sqrt(σ²+1), σ mapped to its timestep."""
 
-    def __init__(self, net, alphas_cumprod, prediction_type="epsilon"):
+    def __init__(self, net, alphas_cumprod, prediction_type="epsilon", round_timesteps=False):
         super().__init__()
+        # round_timesteps: feed the nearest integer timestep (ComfyUI's ModelSamplingDiscrete and diffusers'
+        # DPM-Solver do this); otherwise the interpolated fractional one (k-diffusion, diffusers Euler).
+        self.round_timesteps = round_timesteps
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         self.net = net
@@ -33,9 +36,9 @@ class DiscreteDenoiser(nn.Module):
         self.flow = False
 
     @classmethod
-    def from_scheduler(cls, net, scheduler):
+    def from_scheduler(cls, net, scheduler, **kw):
         """Build from any diffusers scheduler (its alphas_cumprod and prediction_type)."""
-        return cls(net, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+        return cls(net, scheduler.alphas_cumprod, scheduler.config.prediction_type, **kw)
 
     @property
     def sigma_min(self):
@@ -49,6 +52,8 @@ class DiscreteDenoiser(nn.Module):
         sigma = sigma.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         c_in = (sigma**2 + 1) ** -0.5
         t = sigma_to_t(sigma.flatten(), self.model_sigmas)
+        if self.round_timesteps:
+            t = t.round()
         out = _sample(self.net(x * c_in, t, **extra))
         if self.prediction_type == "epsilon":
             return x - sigma * out

@@ -87,11 +87,16 @@ def ddim_uniform(n, model_sigmas):
     return append_zero(model_sigmas[timesteps])
 
 
-def flow(n, shift=1.0, sigma_max=1.0, sigma_min=None):
-    """Flow matching: σ from 1 to 1/n (linear), optionally time-shifted as SD3/Flux do: σ' = sσ / (1 + (s-1)σ)."""
-    sigma_min = sigma_min if sigma_min is not None else sigma_max / n
-    s = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
-    s = shift * s / (1 + (shift - 1) * s)
+def _time_shift(s, shift):
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow(n, shift=1.0, n_train=1000):
+    """Flow matching, as diffusers' FlowMatchEulerDiscreteScheduler (SD3): σ linear from 1 to the shifted 1/T,
+    then time-shifted (σ' = sσ / (1 + (s-1)σ)); the shift is applied to the end point too, as there."""
+    s = torch.linspace(1.0, float(_time_shift(torch.tensor(1 / n_train, dtype=torch.float64), shift)), n,
+                       dtype=torch.float64)
+    s = _time_shift(s, shift)
     return append_zero(s.float())
 
 

@@ -68,16 +68,16 @@ def lora_targets(model, targets=ATTENTION_TARGETS):
 
 def inject_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, init="default", names=None):
     """Attach a LoRA to every matching module (or exactly ``names``). Returns {module name: adapter}.
-    Base weights are frozen; only the adapters' ``up``/``down`` are trainable."""
+    The whole base model is frozen; only the adapters' ``up``/``down`` are trainable."""
     modules = dict(model.named_modules())
     names = names if names is not None else lora_targets(model, targets)
     if not names:
         raise ValueError(f"no Linear/Conv2d module matches LoRA targets {targets!r}; pass module names or a regex")
+    model.requires_grad_(False)
     adapters = {}
     for name in names:
         mod = modules[name]
         w = mod.weight
-        w.requires_grad_(False)
         adapter = LoRA(w.shape, rank, alpha, init, dtype=torch.float32, device=w.device)
         parametrize.register_parametrization(mod, "weight", adapter, unsafe=True)
         adapters[name] = adapter

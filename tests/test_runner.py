@@ -1,0 +1,189 @@
+"""The trajectory runner's gradient policies against plain-autograd references, plus steps and schedules."""
+import pytest
+import torch
+from torch import nn
+
+from rewardlab.samplers import Cancelled, ModuleDenoiser, Policy, sample, sigma_schedule
+from rewardlab.samplers import scaled_linear_model_sigmas, steps
+from rewardlab.samplers.schedules import SCHEDULER_NAMES, exponential, karras
+
+
+class ToyNet(nn.Module):
+    """ε-predictor with σ-conditioning; nonlinear so that Jacobians matter."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.a = nn.Conv2d(c, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, c, 3, padding=1)
+
+    def forward(self, x, sigma):
+        h = self.a(x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt())
+        return self.b(torch.tanh(h + sigma.log().view(-1, 1, 1, 1)))
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    net = ToyNet()
+    model = ModuleDenoiser(net, "eps")
+    sigmas = sigma_schedule("karras", 5, scaled_linear_model_sigmas())
+    x = torch.randn(2, 3, 6, 6) * sigmas[0]
+    return net, model, sigmas, x
+
+
+def loss_of(x):
+    return (x ** 2).mean()
+
+
+def grads(net):
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def reference_last_k(model, x, sigmas, k):
+    """Plain autograd: the first n-k steps are computed and then detached."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        if i == n - k:
+            x = x.detach()
+        s = sigmas[i].expand(x.shape[0])
+        d = model(x, s)
+        x = x + (x - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_last_k_gradient_equals_reference(setup, k, use_checkpoint):
+    net, model, sigmas, x = setup
+    loss_of(reference_last_k(model, x, sigmas, k)).backward()
+    ref = grads(net)
+    net.zero_grad()
+    loss_of(sample(model, x, sigmas, "euler", Policy.last(k, checkpoint=use_checkpoint)).x).backward()
+    for a, b in zip(grads(net), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_last_k_uses_only_last_k_calls(setup):
+    """Changing a parameter's effect on early steps must not change DRaFT-K's gradient: count grad-tracked calls."""
+    net, model, sigmas, x = setup
+    tracked = []
+    net.a.register_forward_hook(lambda m, i, o: tracked.append(o.requires_grad))
+    sample(model, x, sigmas, "euler", Policy.last(2)).x
+    assert tracked == [False, False, False, True, True]
+
+
+def test_stop_grad_input_gradient(setup):
+    """DRTune: D = model(sg(x)) at selected steps; x' = x + (x - D)/σ·Δσ keeps the linear path."""
+    net, model, sigmas, x = setup
+    chosen = {1, 3}
+    n = len(sigmas) - 1
+    xr = x.clone().requires_grad_(True)
+    xx = xr
+    for i in range(n):
+        s = sigmas[i].expand(2)
+        if i in chosen:
+            d = model(xx.detach(), s)
+        else:
+            with torch.no_grad():
+                d = model(xx, s)
+        xx = xx + (xx - d) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    loss_of(xx).backward()
+    ref, ref_x = grads(net), xr.grad.clone()
+    net.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    out = sample(model, x2, sigmas, "euler", Policy.at(chosen, stop_grad_input=True, prefix="detach"))
+    loss_of(out.x).backward()
+    for a, b in zip(grads(net), ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x2.grad, ref_x)
+
+
+def test_gradient_reaches_initial_noise(setup):
+    net, model, sigmas, x = setup
+    net.requires_grad_(False)
+    noise = (x / sigmas[0]).clone().requires_grad_(True)
+    out = sample(model, noise * sigmas[0], sigmas, "dpmpp_2m", Policy.all(checkpoint=True))
+    loss_of(out.x).backward()
+    assert noise.grad is not None and noise.grad.abs().sum() > 0 and torch.isfinite(noise.grad).all()
+    # The full-graph gradient equals the checkpointed one.
+    g_ckpt = noise.grad.clone()
+    noise.grad = None
+    loss_of(sample(model, noise * sigmas[0], sigmas, "dpmpp_2m", Policy.all()).x).backward()
+    torch.testing.assert_close(noise.grad, g_ckpt)
+
+
+def test_no_grad_prefix_cuts_noise_gradient_but_detach_prefix_keeps_linear_path(setup):
+    net, model, sigmas, x = setup
+    noise = x.clone().requires_grad_(True)
+    out = sample(model, noise, sigmas, "euler", Policy.last(1))
+    loss_of(out.x).backward()
+    assert noise.grad is None
+    out = sample(model, noise, sigmas, "euler", Policy.last(1, prefix="detach"))
+    loss_of(out.x).backward()
+    assert noise.grad is not None and noise.grad.abs().sum() > 0
+
+
+def test_ambient_no_grad_is_respected(setup):
+    net, model, sigmas, x = setup
+    with torch.no_grad():
+        out = sample(model, x, sigmas, "euler", Policy.all())
+    assert not out.x.requires_grad
+
+
+def test_returns_last_denoised_and_calls_back(setup):
+    net, model, sigmas, x = setup
+    seen = []
+    with torch.no_grad():
+        out = sample(model, x, sigmas, "euler", callback=seen.append)
+        last = model(seen[-2]["x"], sigmas[-2].expand(2))
+    assert [s["i"] for s in seen] == list(range(5))
+    torch.testing.assert_close(out.denoised, last)
+    torch.testing.assert_close(out.x, out.denoised)     # the final Euler step to σ=0 lands on x̂0
+
+
+def test_cancel_stops_at_requested_step(setup):
+    net, model, sigmas, x = setup
+    calls = []
+    with pytest.raises(Cancelled) as e:
+        sample(model, x, sigmas, "euler", cancel=lambda: len(calls) >= 3, callback=calls.append)
+    assert e.value.step == 3
+
+
+def test_ancestral_reproducible_with_generator_and_ddim_eta_is_ancestral(setup):
+    net, model, sigmas, x = setup
+    with torch.no_grad():
+        a = sample(model, x, sigmas, "euler_ancestral", generator=torch.Generator().manual_seed(3)).x
+        b = sample(model, x, sigmas, "euler_ancestral", generator=torch.Generator().manual_seed(3)).x
+        c = sample(model, x, sigmas, "euler_ancestral", generator=torch.Generator().manual_seed(4)).x
+        d = sample(model, x, sigmas, steps.get_step("ddim", eta=1.0), generator=torch.Generator().manual_seed(3)).x
+        e = sample(model, x, sigmas, "ddim").x
+        f = sample(model, x, sigmas, "euler").x
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    torch.testing.assert_close(a, d)
+    torch.testing.assert_close(e, f)
+
+
+def test_ddim_eta_noise_matches_closed_form():
+    """σ_up of DDIM(η) in σ-space: η·σ'·sqrt(σ² − σ'²)/σ, and σ_down² + σ_up² = σ'²."""
+    s, s1 = torch.tensor(3.0), torch.tensor(1.5)
+    down, up = steps.ancestral_sigmas(s, s1, 0.5)
+    torch.testing.assert_close(up, 0.5 * s1 * (s**2 - s1**2).sqrt() / s)
+    torch.testing.assert_close(down**2 + up**2, s1**2)
+
+
+def test_schedules():
+    ms = scaled_linear_model_sigmas()
+    k = karras(6, 0.1, 10.0, rho=7.0)
+    ramp = torch.linspace(0, 1, 6)
+    torch.testing.assert_close(k[:-1], (10 ** (1 / 7) + ramp * (0.1 ** (1 / 7) - 10 ** (1 / 7))) ** 7)
+    e = exponential(5, 0.1, 10.0)
+    torch.testing.assert_close(e[:-1].log().diff(), torch.full((4,), (0.1 / 10.0) ** 0.25).log())
+    for name in SCHEDULER_NAMES:
+        s = sigma_schedule(name, 7, ms)
+        assert len(s) == 8 and s[-1] == 0 and (s.diff() < 0).all(), name
+        assert s[0] <= ms[-1] * (1 + 1e-6)
+    torch.testing.assert_close(sigma_schedule("simple", 4, ms)[:-1], ms[[999, 749, 499, 249]])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        sigma_schedule("nope", 4, ms)
+    with pytest.raises(ValueError, match="model_sigmas"):
+        sigma_schedule("normal", 4)
