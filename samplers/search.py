@@ -188,7 +188,8 @@ def default_forks(steps):
 def path_search(chain, reward, noise, budget, prompts=None, seed=0, branches=4, forks=None, backtrack=1,
                 callback=None, cancel=None):
     """Search over paths. The beam width is the largest that fits the budget (see ``path_plan_cost``); the
-    given noise's unforked sample is computed first and always stays a candidate."""
+    given noise's unforked sample is computed first and always stays a candidate. ``history`` rows: that
+    sample's reward, then the best x̂0 score of the beam after each fork, then the final best reward."""
     search = _Search(chain, reward, noise, prompts, budget, callback, cancel)
     n = chain.steps
     if n < 2:
@@ -204,7 +205,7 @@ def path_search(chain, reward, noise, budget, prompts=None, seed=0, branches=4, 
     while path_plan_cost(n, forks, beam + 1, branches, backtrack) <= budget:
         beam += 1
     gen = _generator(noise, seed)
-    sigmas = chain.sigmas
+    chain, sigmas = search.chain, chain.sigmas           # the counted chain from here on
 
     def advance(x, a, b):
         """Solve one path from step a to step b; returns (x_b, image to score: x̂0, or the sample at the end)."""
