@@ -1,0 +1,362 @@
+"""Reward nodes: load, combine, score, rank, and look at reward gradients. Custom type REWARD_MODEL = a Reward
+module (images BCHW in [0, 1] + prompts -> Tensor[B]). Every node handles the whole batch, in chunks."""
+import torch
+
+from . import host
+from ..rewards import registry
+
+CATEGORY = "RewardLab/Rewards"
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "gpu", "cpu")
+PROMPTS_TOOLTIP = ("Prompt(s) the images are judged against: one line for all images, or one line per image (in batch "
+                   "order). Ignored by rewards that do not use text.")
+BATCH_TOOLTIP = "Images scored per forward pass; lower it if you run out of memory."
+
+
+def _reward_input(tooltip="A reward model from Load Reward Model or Combine Rewards."):
+    return ("REWARD_MODEL", {"tooltip": tooltip})
+
+
+def _prompts_input():
+    return ("STRING", {"multiline": True, "default": "", "tooltip": PROMPTS_TOOLTIP})
+
+
+def _batch_input():
+    return ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": BATCH_TOOLTIP})
+
+
+def split_prompts(text, batch):
+    """Non-empty lines of ``text``: none -> None, one -> broadcast, ``batch`` -> one per image; else a clear error."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    if len(lines) not in (1, batch):
+        raise ValueError(f"got {len(lines)} prompt lines for {batch} images: write one line for all images or exactly "
+                         "one line per image.")
+    return lines * batch if len(lines) == 1 else lines
+
+
+def resolve_device(policy):
+    if policy == "cpu":
+        return torch.device("cpu")
+    device = host.torch_device()
+    if policy == "gpu" and device.type == "cpu":
+        raise RuntimeError("device 'gpu' was requested but no GPU is available; choose 'auto' or 'cpu'.")
+    return device
+
+
+def resolve_dtype(name, device):
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def score_batch(reward, images_bchw, prompts, batch_size=8, with_components=False):
+    """Scores (Tensor[B] on CPU) of a whole batch, in chunks, with progress and cancel; optionally the ensemble
+    members' raw scores as {name: Tensor[B]}."""
+    n = images_bchw.shape[0]
+    bar = host.progress_bar(n)
+    scores, parts = [], {}
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            host.throw_if_interrupted()
+            chunk = images_bchw[start:start + batch_size].to(reward.device)
+            p = prompts[start:start + batch_size] if prompts else None
+            scores.append(reward(chunk, p).float().cpu())
+            for name, value in getattr(reward, "last_components", {}).items() if with_components else ():
+                parts.setdefault(name, []).append(value.float().cpu())
+            bar.update(chunk.shape[0])
+    return torch.cat(scores), {k: torch.cat(v) for k, v in parts.items()}
+
+
+def score_table(scores, prompts=None, components=None, order=None, title=""):
+    """A readable fixed-width table: (rank,) image index, score, ensemble members, prompt; then mean/min/max."""
+    components = components or {}
+    ranked = order is not None
+    order = list(range(len(scores))) if order is None else order
+    head = (f"{'rank':>4} " if ranked else "") + f"{'image':>5} {'score':>10}" + "".join(f" {k[:14]:>14}" for k in components)
+    rows = ([title] if title else []) + [head + "  prompt"]
+    for rank, i in enumerate(order):
+        row = (f"{rank + 1:>4} " if ranked else "") + f"{i:>5} {scores[i]:>10.4f}"
+        row += "".join(f" {v[i].item():>14.4f}" for v in components.values())
+        rows.append(row + "  " + (prompts[i][:60] if prompts else ""))
+    rows.append(f"mean {scores.mean().item():.4f}  min {scores.min().item():.4f}  max {scores.max().item():.4f}  n {len(scores)}")
+    return "\n".join(rows)
+
+
+# --- nodes ----------------------------------------------------------------------------------------------------
+
+class RewardLabLoadReward:
+    DESCRIPTION = ("Loads a reward model by name from the reward folders (ComfyUI models/rewards, or the folder given). "
+                   "Models are cached across runs per name, device and dtype; weight-free rewards need no files.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("REWARD_MODEL",)
+    RETURN_NAMES = ("reward",)
+    OUTPUT_TOOLTIPS = ("The reward model: images + prompts -> one score per image, higher is better.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (registry.list_rewards(), {"tooltip": "Which reward. Learned models need their weight files "
+                                                         "in models/rewards (the error message lists the expected names)."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weights precision. auto: bf16/fp16 on GPU, fp32 on "
+                                         "CPU. Preprocessing always runs in fp32."}),
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device; gpu: require a GPU; cpu."}),
+            },
+            "optional": {
+                "folder": ("STRING", {"default": "", "tooltip": "Extra folder to search for weight files (searched after "
+                                      "models/rewards)."}),
+                "allow_download": ("BOOLEAN", {"default": False, "tooltip": "Download missing weights from the Hugging Face "
+                                               "hub into models/rewards. Off by default: nothing is downloaded unless you ask."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the image tower in backward "
+                                                       "to save memory when optimising through the reward (slower)."}),
+            },
+        }
+
+    def load(self, model_name, dtype="auto", device="auto", folder="", allow_download=False, gradient_checkpointing=False):
+        dev = resolve_device(device)
+        reward = registry.load_reward(model_name, dev, resolve_dtype(dtype, dev), folder.strip() or None, allow_download)
+        reward.set_grad_checkpointing(gradient_checkpointing)
+        return (reward,)
+
+
+class RewardLabWeightFreeReward:
+    DESCRIPTION = ("A weight-free differentiable reward with its parameters (target colour, hue, brightness, JPEG "
+                   "quality). Useful as a cheap objective and for testing workflows.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("REWARD_MODEL",)
+    RETURN_NAMES = ("reward",)
+    OUTPUT_TOOLTIPS = ("The reward model (no text needed).",)
+    KINDS = ("saturation", "brightness", "colourfulness", "target-colour", "target-hue", "sharpness",
+             "jpeg-compressibility", "jpeg-incompressibility")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        unit = {"min": 0.0, "max": 1.0, "step": 0.01}
+        return {"required": {
+            "kind": (list(cls.KINDS), {"tooltip": "saturation: mean HSV saturation; brightness: mean luma (or closeness "
+                                       "to the target); colourfulness: Hasler-Suesstrunk; target-colour / target-hue: "
+                                       "closeness to the colour / hue below; sharpness: Laplacian variance; jpeg-*: "
+                                       "differentiable JPEG size proxy."}),
+            "red": ("FLOAT", {"default": 1.0, **unit, "tooltip": "target-colour: red component in [0, 1]."}),
+            "green": ("FLOAT", {"default": 0.0, **unit, "tooltip": "target-colour: green component in [0, 1]."}),
+            "blue": ("FLOAT", {"default": 0.0, **unit, "tooltip": "target-colour: blue component in [0, 1]."}),
+            "hue_degrees": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 360.0, "step": 1.0,
+                                      "tooltip": "target-hue: 0 red, 60 yellow, 120 green, 180 cyan, 240 blue, 300 magenta."}),
+            "brightness_target": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01, "tooltip":
+                                            "brightness: target mean luma in [0, 1]; -1 = no target (brighter is better)."}),
+            "jpeg_quality": ("INT", {"default": 95, "min": 1, "max": 100, "tooltip": "jpeg-*: JPEG quality whose "
+                                     "quantisation table weights the DCT coefficients."}),
+        }}
+
+    def build(self, kind, red=1.0, green=0.0, blue=0.0, hue_degrees=0.0, brightness_target=-1.0, jpeg_quality=95):
+        config = {"target-colour": {"colour": (red, green, blue)}, "target-hue": {"hue_degrees": hue_degrees},
+                  "brightness": {"target": None if brightness_target < 0 else brightness_target},
+                  "jpeg-compressibility": {"quality": jpeg_quality},
+                  "jpeg-incompressibility": {"quality": jpeg_quality}}.get(kind, {})
+        return (registry.build_reward(kind, config=config, device=host.torch_device()),)
+
+
+class RewardLabCombineRewards:
+    DESCRIPTION = ("Weighted sum of up to four rewards, optionally normalising each first (reward scales differ by "
+                   "100x: HPS ~0.27, aesthetic ~5, PickScore ~21). The result is a reward model again.")
+    CATEGORY = CATEGORY
+    FUNCTION = "combine"
+    RETURN_TYPES = ("REWARD_MODEL",)
+    RETURN_NAMES = ("reward",)
+    OUTPUT_TOOLTIPS = ("sum_i weight_i * normalise(reward_i).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def weight(i):
+            return ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                              "tooltip": f"Weight of reward {i} (ReNO uses HPS 5, ImageReward 1, PickScore 0.05, CLIP 0.01)."})
+        optional = {}
+        for i in (2, 3, 4):
+            optional[f"reward_{i}"] = _reward_input(f"Optional reward {i}.")
+            optional[f"weight_{i}"] = weight(i)
+        return {"required": {"reward_1": _reward_input("First reward."), "weight_1": weight(1),
+                             "normalise": (["none", "range", "running"], {"default": "none", "tooltip":
+                                           "none: raw scores; range: map each reward's typical range to [0, 1]; running: "
+                                           "standardise with running mean/std of the scores seen."})},
+                "optional": optional}
+
+    def combine(self, reward_1, weight_1, normalise="none", **kwargs):
+        from ..rewards.ensemble import RewardEnsemble
+
+        rewards, weights = [reward_1], [weight_1]
+        for i in (2, 3, 4):
+            if kwargs.get(f"reward_{i}") is not None:
+                rewards.append(kwargs[f"reward_{i}"])
+                weights.append(kwargs.get(f"weight_{i}", 1.0))
+        with torch.inference_mode(False):   # its running-statistics buffers must be normal tensors
+            ensemble = RewardEnsemble(rewards, weights, normalise).to(rewards[0].device)
+        return (ensemble,)
+
+
+class RewardLabScoreImages:
+    DESCRIPTION = "Scores every image of the batch with a reward: per-image scores, their mean and a readable table."
+    CATEGORY = CATEGORY
+    FUNCTION = "score"
+    RETURN_TYPES = ("FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("scores", "mean", "table")
+    OUTPUT_IS_LIST = (True, False, False)
+    OUTPUT_TOOLTIPS = ("One score per image, in batch order (a list).", "Mean score of the batch.",
+                       "Text table of the scores (and ensemble members), for a Show Text / preview node.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"reward": _reward_input(), "images": ("IMAGE", {"tooltip": "The images to score (whole batch)."}),
+                             "prompts": _prompts_input()},
+                "optional": {"batch_size": _batch_input()}}
+
+    def score(self, reward, images, prompts="", batch_size=8):
+        x = host.image_to_bchw(images)
+        lines = split_prompts(prompts, x.shape[0])
+        scores, parts = score_batch(reward, x, lines, batch_size, with_components=True)
+        table = score_table(scores, lines, parts, title=f"reward: {reward.name}")
+        return ([float(s) for s in scores], float(scores.mean()), table)
+
+
+class RewardLabRankImages:
+    DESCRIPTION = ("Sorts an image batch by reward and keeps the top k (best first, or worst first). An optional "
+                   "latent batch is reordered the same way.")
+    CATEGORY = CATEGORY
+    FUNCTION = "rank"
+    RETURN_TYPES = ("IMAGE", "LATENT", "FLOAT", "STRING")
+    RETURN_NAMES = ("images", "latent", "scores", "table")
+    OUTPUT_IS_LIST = (False, False, True, False)
+    OUTPUT_TOOLTIPS = ("The top-k images, sorted.", "The matching latents (only when a latent was connected).",
+                       "Scores of the returned images, in output order.", "Ranking table with the original indices.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"reward": _reward_input(), "images": ("IMAGE", {"tooltip": "The candidate images."}),
+                             "prompts": _prompts_input(),
+                             "top_k": ("INT", {"default": 1, "min": 0, "max": 4096,
+                                               "tooltip": "How many images to keep; 0 keeps all (a full sort)."}),
+                             "order": (["best first", "worst first"], {"default": "best first",
+                                                                       "tooltip": "Keep the highest or the lowest scores."})},
+                "optional": {"latent": ("LATENT", {"tooltip": "Optional latents of the same batch, reordered alike."}),
+                             "batch_size": _batch_input()}}
+
+    def rank(self, reward, images, prompts="", top_k=1, order="best first", latent=None, batch_size=8):
+        x = host.image_to_bchw(images)
+        lines = split_prompts(prompts, x.shape[0])
+        scores, _ = score_batch(reward, x, lines, batch_size)
+        idx = torch.argsort(scores, descending=(order == "best first"), stable=True)
+        if top_k:
+            idx = idx[:top_k]
+        table = score_table(scores, lines, order=idx.tolist(), title=f"reward: {reward.name} ({order})")
+        out_latent = None
+        if latent is not None:
+            out_latent = {**latent, "samples": latent["samples"][idx.to(latent["samples"].device)]}
+            for key in ("noise_mask", "batch_index"):
+                if key in latent and torch.is_tensor(latent[key]) and latent[key].shape[0] == x.shape[0]:
+                    out_latent[key] = latent[key][idx.to(latent[key].device)]
+                elif key == "batch_index" and isinstance(latent.get(key), list):
+                    out_latent[key] = [latent[key][i] for i in idx.tolist()]
+        return (images[idx.to(images.device)], out_latent, [float(scores[i]) for i in idx], table)
+
+
+def heat_colours(h):
+    """Black-red-yellow-white map for h in [0, 1], (B, 1, H, W) -> (B, 3, H, W)."""
+    return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], 1)
+
+
+def reward_gradient(reward, images_bchw, prompts, batch_size=8):
+    """d(reward)/d(pixels) for every image (each image's gradient is that of its own score), and the scores."""
+    grads, scores = [], []
+    with torch.inference_mode(False), torch.enable_grad():
+        for start in range(0, images_bchw.shape[0], batch_size):
+            host.throw_if_interrupted()
+            # A clone made outside inference mode is a normal tensor that autograd may save.
+            x = images_bchw[start:start + batch_size].clone().to(reward.device).requires_grad_(True)
+            s = reward(x, prompts[start:start + batch_size] if prompts else None)
+            (g,) = torch.autograd.grad(s.sum(), x)
+            grads.append(g.float().cpu())
+            scores.append(s.detach().float().cpu())
+    return torch.cat(grads), torch.cat(scores)
+
+
+class RewardLabRewardGradient:
+    DESCRIPTION = ("Shows what a reward 'looks at': the gradient of the score with respect to each pixel, as a heatmap "
+                   "and an overlay on the image. Bright = changing this pixel changes the score most.")
+    CATEGORY = CATEGORY
+    FUNCTION = "gradient"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "FLOAT")
+    RETURN_NAMES = ("heatmap", "overlay", "scores")
+    OUTPUT_IS_LIST = (False, False, True)
+    OUTPUT_TOOLTIPS = ("Gradient heatmap per image (magnitude: black-red-yellow-white; signed: red raises the score when "
+                       "brightened, blue when darkened).", "The heatmap blended over the image.", "Per-image scores.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"reward": _reward_input(), "images": ("IMAGE", {"tooltip": "Images to explain."}),
+                             "prompts": _prompts_input(),
+                             "mode": (["magnitude", "signed"], {"default": "magnitude", "tooltip":
+                                      "magnitude: |gradient| summed over colour channels; signed: the summed gradient."}),
+                             "overlay_strength": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05,
+                                                            "tooltip": "Opacity of the heatmap in the overlay output."}),
+                             "gamma": ("FLOAT", {"default": 0.5, "min": 0.1, "max": 2.0, "step": 0.05, "tooltip":
+                                       "Contrast: heat = (|g| / max|g|) ** gamma; below 1 shows weak gradients too."})},
+                "optional": {"batch_size": _batch_input()}}
+
+    def gradient(self, reward, images, prompts="", mode="magnitude", overlay_strength=0.6, gamma=0.5, batch_size=8):
+        x = host.image_to_bchw(images)
+        grads, scores = reward_gradient(reward, x, split_prompts(prompts, x.shape[0]), batch_size)
+        if mode == "magnitude":
+            g = grads.abs().sum(1, keepdim=True)
+            g = g / g.flatten(1).amax(1).clamp_min(1e-20).view(-1, 1, 1, 1)
+            heat = heat_colours(g.pow(gamma))
+        else:
+            g = grads.sum(1, keepdim=True)
+            g = g / g.abs().flatten(1).amax(1).clamp_min(1e-20).view(-1, 1, 1, 1)
+            mag = g.abs().pow(gamma)
+            heat = torch.cat([mag * (g > 0), torch.zeros_like(g), mag * (g < 0)], 1)
+        overlay = (1 - overlay_strength) * x.cpu() + overlay_strength * heat
+        return (host.bchw_to_image(heat), host.bchw_to_image(overlay), [float(s) for s in scores])
+
+
+class RewardLabUnloadRewards:
+    DESCRIPTION = "Frees the cached reward models (all, or one name) and their GPU memory."
+    CATEGORY = CATEGORY
+    FUNCTION = "unload"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("How many cached models were dropped.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model_name": (["all"] + registry.list_rewards(), {"default": "all",
+                                            "tooltip": "Which cached model to unload; all = every cached reward model."})}}
+
+    def unload(self, model_name="all"):
+        n = registry.unload(None if model_name == "all" else model_name)
+        return (f"unloaded {n} cached reward model(s)",)
+
+
+NODE_CLASS_MAPPINGS = {
+    "RewardLabLoadReward": RewardLabLoadReward,
+    "RewardLabWeightFreeReward": RewardLabWeightFreeReward,
+    "RewardLabCombineRewards": RewardLabCombineRewards,
+    "RewardLabScoreImages": RewardLabScoreImages,
+    "RewardLabRankImages": RewardLabRankImages,
+    "RewardLabRewardGradient": RewardLabRewardGradient,
+    "RewardLabUnloadRewards": RewardLabUnloadRewards,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RewardLabLoadReward": "Load Reward Model",
+    "RewardLabWeightFreeReward": "Weight-free Reward",
+    "RewardLabCombineRewards": "Combine Rewards",
+    "RewardLabScoreImages": "Score Images",
+    "RewardLabRankImages": "Rank / Select Best Images",
+    "RewardLabRewardGradient": "Reward Gradient Heatmap",
+    "RewardLabUnloadRewards": "Unload Reward Models",
+}
