@@ -1,0 +1,167 @@
+"""Model bundles: what the DRaFT trainer needs from a host, and nothing more.
+
+A bundle knows how to turn prompts into conditioning, run one trajectory through the core runner with CFG,
+decode the final latent into images in [0, 1], and where to put LoRA adapters. The trainer never touches a
+UNet, a VAE or a text encoder directly, so the same loop runs on the embedded tiny model, a diffusers model
+directory and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
+"""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..samplers import CFGDenoiser, sample, sigma_schedule
+from . import lora as lora_mod
+
+
+class ModelBundle:
+    """Base class. Subclasses set ``latent_shape`` (C, H, W), ``flow``, ``device`` and implement ``encode``,
+    ``denoiser`` (or override ``trajectory``), ``decode`` and ``add_lora``."""
+
+    flow = False
+    device = torch.device("cpu")
+    latent_shape = None
+
+    def sigmas(self, steps, scheduler):
+        raise NotImplementedError
+
+    def encode(self, prompts):
+        """Conditioning for a batch of prompts (opaque to the trainer)."""
+        raise NotImplementedError
+
+    def denoiser(self, conds, cfg):
+        """A denoiser ``model(x, sigma) -> x̂0`` with classifier-free guidance at scale ``cfg`` inside it."""
+        raise NotImplementedError
+
+    def decode(self, x):
+        """Latents -> images (B, 3, H, W) in [0, 1], differentiable."""
+        raise NotImplementedError
+
+    def add_lora(self, rank, alpha, targets):
+        """Attach trainable LoRA adapters; returns {module name: training.lora.LoRA}."""
+        raise NotImplementedError
+
+    def trajectory(self, conds, x, sigmas, policy, step="euler", cfg=1.0, wrap=None, generator=None, cancel=None):
+        """One run of the core runner from x (already at sigmas[0]). ``wrap`` decorates the guided denoiser
+        (the trainer uses it for checkpointing and the DRaFT+ penalty)."""
+        model = self.denoiser(conds, cfg)
+        model = wrap(model) if wrap is not None else model
+        return sample(model, x, sigmas, step=step, policy=policy, generator=generator, cancel=cancel, flow=self.flow)
+
+
+class TorchBundle(ModelBundle):
+    """A bundle over plain torch pieces.
+
+    model:        denoiser module in the k-diffusion convention, ``model(x, sigma, **cond) -> x̂0``
+    encode:       prompts -> dict of keyword arguments for ``model`` (batch-first tensors)
+    decode:       latents -> images in [0, 1]
+    model_sigmas: the σ table of a discrete model (None for flow models, which pass ``flow_shift``)
+    lora_root:    the module whose Linear/Conv2d layers get adapters (default: ``model``)
+    checkpoint_decode: recompute the decoder in backward instead of storing its activations
+    """
+
+    def __init__(self, model, encode, decode, latent_shape, model_sigmas=None, flow_shift=None, lora_root=None,
+                 device=None, checkpoint_decode=False):
+        self.model = model
+        self._encode, self._decode = encode, decode
+        self.latent_shape = tuple(latent_shape)
+        self.model_sigmas, self.flow_shift = model_sigmas, flow_shift
+        self.flow = flow_shift is not None or bool(getattr(model, "flow", False))
+        self.lora_root = lora_root if lora_root is not None else model
+        self.device = torch.device(device) if device is not None else _module_device(model)
+        self.checkpoint_decode = checkpoint_decode
+        self._uncond = {}
+
+    def sigmas(self, steps, scheduler):
+        return sigma_schedule(scheduler, steps, self.model_sigmas, self.flow_shift if self.flow else None)
+
+    def encode(self, prompts):
+        with torch.no_grad():
+            return self._encode(list(prompts))
+
+    def uncond(self, n):
+        if n not in self._uncond:      # the empty prompt's conditioning is constant: encode it once per batch size
+            self._uncond[n] = self.encode([""] * n)
+        return self._uncond[n]
+
+    def denoiser(self, conds, cfg):
+        n = _batch_of(conds)
+        uncond = self.uncond(n) if cfg != 1.0 else None
+        return CFGDenoiser(self.model, conds, uncond, cfg)
+
+    def decode(self, x):
+        if self.checkpoint_decode and torch.is_grad_enabled():
+            return checkpoint(self._decode, x, use_reentrant=False)
+        return self._decode(x)
+
+    def add_lora(self, rank, alpha, targets):
+        return lora_mod.inject_lora(self.lora_root, rank=rank, alpha=alpha, targets=targets)
+
+
+def _module_device(module):
+    p = next(iter(module.parameters()), None) if hasattr(module, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batch_of(conds):
+    for v in conds.values():
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+        if isinstance(v, dict):
+            return _batch_of(v)
+    raise ValueError("conditioning holds no tensor to read the batch size from")
+
+
+# --- concrete hosts ---------------------------------------------------------------------------------------------
+
+def tiny_bundle(model=None, device="cpu"):
+    """The embedded tiny pixel-space model (``rewardlab.tiny``) as a bundle."""
+    from ..tiny import load_tiny
+
+    m = model if model is not None else load_tiny()
+    denoiser = m.denoiser.to(device)
+    shape = (m.unet.config.in_channels, m.image_size, m.image_size)
+    return TorchBundle(denoiser, m.encode, m.decode, shape, model_sigmas=m.model_sigmas, lora_root=m.unet,
+                       device=device)
+
+
+def diffusers_bundle(path, device="cpu", dtype=torch.float32, height=None, width=None, checkpoint_decode=True):
+    """A Stable Diffusion 1.x/2.x diffusers model directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    as a bundle. ε and v prediction come from the scheduler config; the latent size from height/width."""
+    import os
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..samplers import DiscreteDenoiser
+
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise ValueError(f"{path!r} is not a diffusers Stable Diffusion folder: '{sub}/' is missing")
+    if os.path.isdir(os.path.join(path, "text_encoder_2")):
+        raise ValueError("SDXL diffusers folders are not supported by `rewardlab train`; train SDXL in ComfyUI "
+                         "with the DRaFT Train LoRA node (pooled and size conditioning come from ComfyUI)")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    for m in (unet, vae, text):
+        m.requires_grad_(False)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    height = height or unet.config.sample_size * factor
+    width = width or unet.config.sample_size * factor
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor} for this VAE, got {width}x{height}")
+
+    def encode(prompts):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        return {"encoder_hidden_states": text(ids)[0]}
+
+    def decode(z):
+        img = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    den = DiscreteDenoiser.from_scheduler(unet, sched).to(device)
+    shape = (unet.config.in_channels, height // factor, width // factor)
+    return TorchBundle(den, encode, decode, shape, model_sigmas=den.model_sigmas.cpu(), lora_root=unet, device=device,
+                       checkpoint_decode=checkpoint_decode)

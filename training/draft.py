@@ -1,0 +1,538 @@
+"""DRaFT-family reward fine-tuning of a LoRA: one training loop over the core runner.
+
+Every method is one or two calls of ``samplers.sample`` with a gradient ``Policy`` (algorithms.md §1):
+
+  draft      DRaFT, grad through every step                 Policy.all()
+  draft_k    DRaFT-K, grad through the last K steps         Policy.last(K)
+  draft_lv   DRaFT-LV(n): no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad
+  alignprop  AlignProp: K drawn once per trajectory          Policy.last(K, prefix="no_grad" | "detach")
+  refl       ReFL: no-grad to a step m drawn from a range, one grad call, reward on its x̂0
+  drtune     DRTune: grad at K evenly spaced steps with stop-grad on the denoiser input; the linear skip path
+             between steps stays differentiable                  Policy.at(steps, stop_grad_input=True, prefix="detach")
+
+The loss is −reward (or ReLU(cap − reward), ReFL's capped form), plus an optional DRaFT+ ε-space L2 penalty to
+the frozen base: at each grad call the same denoiser runs again with LoRA scale 0 under no_grad on the same x
+and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for ε/v models, velocity for flow).
+
+Randomness is private and derived from (seed, step, micro-batch, rank), so a resumed run draws exactly what the
+uninterrupted run would have drawn; the checkpoint only needs the step (plus optimiser state and the LoRA).
+"""
+import contextlib
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..samplers import Cancelled, Policy, noise_scaling
+from . import checkpoints as ckpt
+from .lora import ATTENTION_TARGETS, load_lora_state_dict, lora_parameters, lora_state_dict
+
+METHODS = ("draft_k", "draft_lv", "draft", "alignprop", "refl", "drtune")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DraftConfig:
+    method: str = "draft_k"
+    k: int = 1                    # DRaFT-K: grad steps; AlignProp: largest K; DRTune: number of sparse grad steps
+    k_min: int = 1                # AlignProp: smallest K
+    lv_n: int = 2                 # DRaFT-LV: re-noised copies of the final sample
+    alignprop_prefix: str = "no_grad"   # "detach" = TRL/AlignProp truncation (latent path stays differentiable)
+    refl_range: tuple = None      # ReFL: (first, last) step index m; default: the last quarter of the chain
+    steps: int = 20               # sampling steps per trajectory
+    sampler: str = "euler"        # euler == DDIM(η=0) in σ-space
+    scheduler: str = "normal"
+    cfg: float = 7.5
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.999)
+    max_grad_norm: float = 1.0    # 0 disables clipping
+    rank: int = 8
+    alpha: float = None           # None: alpha = rank (scale 1)
+    targets: tuple = ATTENTION_TARGETS
+    train_steps: int = 100
+    seed: int = 0
+    shuffle: bool = True
+    precision: str = "fp32"       # bf16/fp16 autocast is used on CUDA only
+    checkpointing: bool = True    # recompute each grad-step denoiser call in backward
+    kl_weight: float = 0.0        # DRaFT+ ε-L2 penalty to the frozen base
+    reward_cap: float = None      # loss = ReLU(cap − reward) instead of −reward
+    heldout_every: int = 0        # score the held-out prompts every N steps (0: never)
+    early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
+    save_every: int = 0           # checkpoint every N steps (0: only at the end)
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.steps >= 1, "steps (sampling steps) must be >= 1")
+        need(1 <= self.k, f"K must be >= 1, got {self.k}")
+        need(self.method not in ("draft_k", "drtune") or self.k <= self.steps,
+             f"K={self.k} exceeds the {self.steps} sampling steps; lower K or raise steps")
+        need(self.method != "alignprop" or 1 <= self.k_min <= min(self.k, self.steps),
+             f"AlignProp needs 1 <= k_min ({self.k_min}) <= k ({self.k}) <= steps ({self.steps})")
+        need(self.lv_n >= 1, "DRaFT-LV needs n >= 1 re-noised copies")
+        need(self.alignprop_prefix in ("no_grad", "detach"), "alignprop_prefix must be 'no_grad' or 'detach'")
+        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        need(self.lr > 0, "lr must be > 0")
+        need(self.rank >= 1, "LoRA rank must be >= 1")
+        lo, hi = self.refl_span()
+        need(0 <= lo <= hi < self.steps, f"ReFL step range must lie in [0, {self.steps - 1}], got {(lo, hi)}")
+
+    def refl_span(self):
+        if self.refl_range is not None:
+            return int(self.refl_range[0]), int(self.refl_range[1])
+        return self.steps - max(1, self.steps // 4), self.steps - 1
+
+
+@dataclass
+class Plan:
+    """Everything random about one micro-batch, drawn up front (tests rebuild the reference from it)."""
+    step: int
+    micro: int
+    prompts: list
+    noise: torch.Tensor            # unit noise for x_T, CPU
+    seed: int                      # for ancestral-step noise inside the runner
+    k: int = None                  # AlignProp's K for this trajectory
+    m: int = None                  # ReFL's step
+    lv_noise: list = field(default_factory=list)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early for ``reason`` in {"nan", "oom", "cancelled"}; the last good checkpoint is kept."""
+
+    def __init__(self, reason, message, step, checkpoint=None):
+        super().__init__(message)
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint
+
+
+@dataclass
+class TrainResult:
+    status: str                    # "completed" | "early_stopped"
+    step: int
+    log: list
+    checkpoint: str = None
+    best_heldout: float = None
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from any parts (stable across processes and platforms)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _generator(*parts):
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextlib.contextmanager
+def lora_scale(adapters, scale):
+    """Temporarily set every adapter's strength (0 = the frozen base model)."""
+    old = {n: a.scale for n, a in adapters.items()}
+    for a in adapters.values():
+        a.scale = scale
+    try:
+        yield
+    finally:
+        for n, a in adapters.items():
+            a.scale = old[n]
+
+
+def _dist():
+    """(rank, world size) when torch.distributed is initialised (torchrun), else (0, 1)."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Reward fine-tuning of a LoRA on a model bundle (see training/bundle.py).
+
+    reward:      ``reward(images_bchw01, prompts) -> Tensor[B]`` (higher is better), differentiable
+    prompts:     training prompts, cycled (shuffled per epoch when config.shuffle)
+    heldout:     prompts scored every ``heldout_every`` steps with fixed noise (reward-hacking monitor)
+    lora_path:   where checkpoints go (``<name>.safetensors`` + ``<name>.state.pt``); None: no saving
+    on_step:     called with each step's log record and the trainer (progress bars, previews)
+    cancel:      called before every step and every sampling step; truthy stops training cleanly
+    free_memory: called after an OOM / NaN / cancel (ComfyUI: host.free_memory)
+    """
+
+    def __init__(self, bundle, reward, config=None, prompts=("",), heldout=(), lora_path=None, on_step=None,
+                 cancel=None, free_memory=None, adapters=None):
+        self.cfg = config or DraftConfig()
+        self.cfg.validate()
+        if not prompts:
+            raise ValueError("give at least one training prompt")
+        self.bundle, self.reward = bundle, reward
+        self.prompts, self.heldout = list(prompts), list(heldout)
+        self.lora_path, self.on_step, self.cancel = lora_path, on_step, cancel
+        self.free_memory = free_memory or _default_free_memory
+        c = self.cfg
+        self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha, c.targets)
+        self.params = lora_parameters(self.adapters)
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        self.sigmas = bundle.sigmas(c.steps, c.scheduler)
+        self.rank, self.world = _dist()
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+        use_amp = self.amp_dtype is not None and bundle.device.type == "cuda"
+        self.amp_dtype = self.amp_dtype if use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step, self.log = 0, []
+        self.best_heldout, self.bad_evals, self.saved_step = None, 0, None
+        self.last_images = None
+        self._perms = {}
+
+    # --- what a step draws -------------------------------------------------------------------------------------
+
+    def _prompt(self, j):
+        """The j-th prompt of the stream: epochs of the list, each in its own seeded shuffled order."""
+        n = len(self.prompts)
+        epoch, pos = divmod(j, n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(n, generator=_generator(self.cfg.seed, "epoch", epoch))
+                           if self.cfg.shuffle else torch.arange(n)}
+        return self.prompts[int(self._perms[epoch][pos])]
+
+    def plan(self, step, micro=0):
+        c = self.cfg
+        g = _generator(c.seed, "step", step, micro, self.rank)
+        first = ((step * c.grad_accum + micro) * self.world + self.rank) * c.batch_size
+        prompts = [self._prompt(first + b) for b in range(c.batch_size)]
+        shape = (c.batch_size, *self.bundle.latent_shape)
+        plan = Plan(step, micro, prompts, torch.randn(shape, generator=g),
+                    seed=int(torch.randint(0, 2**62, (), generator=g)))
+        if c.method == "alignprop":
+            plan.k = int(torch.randint(c.k_min, min(c.k, c.steps) + 1, (), generator=g))
+        if c.method == "refl":
+            lo, hi = c.refl_span()
+            plan.m = int(torch.randint(lo, hi + 1, (), generator=g))
+        if c.method == "draft_lv":
+            plan.lv_noise = [torch.randn(shape, generator=g) for _ in range(c.lv_n)]
+        return plan
+
+    def policy(self, plan):
+        c, n = self.cfg, self.cfg.steps
+        if c.method == "draft":
+            return Policy.all()
+        if c.method == "draft_k":
+            return Policy.last(c.k)
+        if c.method == "alignprop":
+            return Policy.last(plan.k, prefix=c.alignprop_prefix)
+        if c.method == "drtune":
+            return Policy.at(drtune_steps(n, c.k), stop_grad_input=True, prefix="detach")
+        raise ValueError(f"method {c.method!r} has no single-trajectory policy")
+
+    # --- the loss ----------------------------------------------------------------------------------------------
+
+    def _wrap(self, penalties):
+        """Decorate the guided denoiser: checkpoint grad-step calls, and record the DRaFT+ penalty there."""
+        c, adapters = self.cfg, self.adapters
+
+        def wrap(model):
+            def run(x, sigma, **extra):
+                if not torch.is_grad_enabled():
+                    return model(x, sigma, **extra)
+                if c.checkpointing:
+                    out = checkpoint(lambda a: model(a, sigma, **extra), x, use_reentrant=False)
+                else:
+                    out = model(x, sigma, **extra)
+                if c.kl_weight > 0:
+                    with torch.no_grad(), lora_scale(adapters, 0.0):
+                        base = model(x, sigma, **extra)
+                    s = sigma.to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
+                    penalties.append(((out - base) / s).float().square().mean())
+                return out
+            return run
+        return wrap
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _run(self, conds, x, sigmas, policy, plan, wrap):
+        return self.bundle.trajectory(conds, x, sigmas, policy, step=self.cfg.sampler, cfg=self.cfg.cfg, wrap=wrap,
+                                      generator=torch.Generator().manual_seed(plan.seed), cancel=self.cancel)
+
+    def images_and_rewards(self, plan, penalties=None):
+        """Sample ``plan`` with the method's gradient policy; (images, rewards) with the graph attached."""
+        c, b = self.cfg, self.bundle
+        penalties = [] if penalties is None else penalties
+        wrap = self._wrap(penalties)
+        conds = b.encode(plan.prompts)
+        sig = self.sigmas.to(b.device)
+        x = noise_scaling(sig[0], plan.noise.to(b.device), flow=b.flow)
+        with self._autocast():
+            if c.method == "draft_lv":
+                with torch.no_grad():
+                    x0 = self._run(conds, x, sig, Policy.none(), plan, None).x
+                last = torch.stack([sig[-2], sig[-1]])
+                images, rewards = [], []
+                for eps in plan.lv_noise:
+                    x1 = noise_scaling(last[0], eps.to(b.device), x0, flow=b.flow, max_denoise=False)
+                    img = b.decode(self._run(conds, x1, last, Policy.all(), plan, wrap).x)
+                    images.append(img)
+                    rewards.append(self.reward(img, plan.prompts))
+                return torch.cat(images), torch.stack(rewards).mean(0)
+            if c.method == "refl":
+                traj = self._run(conds, x, sig[: plan.m + 2], Policy.last(1), plan, wrap)
+                img = b.decode(traj.denoised)
+            else:
+                img = b.decode(self._run(conds, x, sig, self.policy(plan), plan, wrap).x)
+            return img, self.reward(img, plan.prompts)
+
+    def loss(self, plan):
+        """(loss, info) for one micro-batch; the loss carries the graph to the LoRA parameters."""
+        penalties = []
+        images, r = self.images_and_rewards(plan, penalties)
+        r = r.float()
+        loss = torch.relu(self.cfg.reward_cap - r).mean() if self.cfg.reward_cap is not None else -r.mean()
+        kl = torch.stack(penalties).mean() if penalties else None
+        if kl is not None:
+            loss = loss + self.cfg.kl_weight * kl
+        info = {"reward": float(r.detach().mean()), "kl": float(kl.detach()) if kl is not None else None,
+                "images": images.detach()}
+        return loss, info
+
+    # --- one optimiser step ------------------------------------------------------------------------------------
+
+    def _backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _sync(self, bad):
+        """Average LoRA gradients over data-parallel ranks (plain all-reduce: no wrapper module, as algorithms.md
+        §11 advises) and agree on whether any rank saw a non-finite loss."""
+        if self.world == 1:
+            return bad
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]
+                         + [torch.tensor([float(bad)], device=self.params[0].device)])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return bool(flat[-1] > 0)
+
+    def train_step(self):
+        """One optimiser step over ``grad_accum`` micro-batches. Returns the step's log record."""
+        c, t0 = self.cfg, time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        infos, bad = [], False
+        for micro in range(c.grad_accum):
+            plan = self.plan(self.step, micro)
+            loss, info = self.loss(plan)
+            info["loss"] = float(loss.detach())
+            info.update(k=plan.k, m=plan.m)
+            if not math.isfinite(info["loss"]):
+                bad = True
+                break
+            self._backward(loss / c.grad_accum)
+            del loss
+            infos.append(info)
+        bad = self._sync(bad)
+        if bad:
+            raise NonFiniteLoss(f"the loss became NaN/Inf at step {self.step}")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        elif not torch.isfinite(norm):
+            raise NonFiniteLoss(f"the LoRA gradient became NaN/Inf at step {self.step}")
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_images = infos[-1]["images"].float().cpu()
+        self.step += 1
+        mean = lambda key: sum(i[key] for i in infos) / len(infos) if infos[0][key] is not None else None  # noqa: E731
+        return {"step": self.step, "loss": mean("loss"), "reward": mean("reward"), "kl": mean("kl"),
+                "grad_norm": float(norm), "k": infos[-1]["k"], "m": infos[-1]["m"],
+                "seconds": time.perf_counter() - t0}
+
+    # --- evaluation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_images(self, prompts, seed=0, scale=None):
+        """Full no-grad trajectories for ``prompts`` with fixed noise; ``scale`` overrides the LoRA strength
+        (0 = the base model). Returns (images, rewards)."""
+        c, b = self.cfg, self.bundle
+        ctx = lora_scale(self.adapters, scale) if scale is not None else contextlib.nullcontext()
+        images, rewards = [], []
+        with ctx, self._autocast():
+            for start in range(0, len(prompts), c.batch_size):
+                chunk = list(prompts[start: start + c.batch_size])
+                g = _generator(seed, "eval", start)
+                noise = torch.randn((len(chunk), *b.latent_shape), generator=g)
+                sig = self.sigmas.to(b.device)
+                x = noise_scaling(sig[0], noise.to(b.device), flow=b.flow)
+                traj = b.trajectory(b.encode(chunk), x, sig, Policy.none(), step=c.sampler, cfg=c.cfg,
+                                    generator=torch.Generator().manual_seed(derive_seed(seed, "anc", start)))
+                img = b.decode(traj.x).float()
+                images.append(img.cpu())
+                rewards.append(self.reward(img, chunk).float().cpu())
+        return torch.cat(images), torch.cat(rewards)
+
+    def evaluate(self, prompts=None, seed=12345, scale=None):
+        """Mean reward on ``prompts`` (default: the held-out set) with fixed noise."""
+        prompts = self.heldout if prompts is None else list(prompts)
+        return float(self.sample_images(prompts, seed, scale)[1].mean())
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.cfg.seed, "method": self.cfg.method, "optimizer": self.opt.state_dict(),
+                "log": self.log, "best_heldout": self.best_heldout, "bad_evals": self.bad_evals,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def save(self, path=None):
+        """Write the LoRA (ComfyUI keys) and the state beside it, atomically. Only rank 0 writes."""
+        path = path or self.lora_path
+        if path is None or self.rank != 0:
+            return path
+        meta = {"rewardlab_method": self.cfg.method, "rewardlab_step": self.step, "rewardlab_rank": self.cfg.rank}
+        ckpt.save_checkpoint(lora_state_dict(self.adapters), self.state_dict(), path, meta)
+        self.saved_step = self.step
+        return path
+
+    def resume(self, path=None):
+        """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log."""
+        path = path or self.lora_path
+        sd, state = ckpt.load_checkpoint(path)
+        load_lora_state_dict(self.adapters, sd)
+        if state is None:
+            return self
+        if state.get("seed") != self.cfg.seed or state.get("method") != self.cfg.method:
+            raise ValueError(f"checkpoint {path!r} was written with seed={state.get('seed')}, method="
+                             f"{state.get('method')!r}; resume with the same settings or start a new name")
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.log = int(state["step"]), list(state["log"])
+        self.best_heldout, self.bad_evals = state["best_heldout"], int(state["bad_evals"])
+        self.saved_step = self.step
+        return self
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def _heldout(self, record):
+        """Score the held-out prompts; True when early stopping should end training."""
+        c = self.cfg
+        if not (self.heldout and c.heldout_every and self.step % c.heldout_every == 0):
+            return False
+        value = self.evaluate()
+        record["heldout_reward"] = value
+        if self.best_heldout is None or value > self.best_heldout:
+            self.best_heldout, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return bool(c.early_stop_patience and self.bad_evals >= c.early_stop_patience)
+
+    def _stop_message(self, reason, detail):
+        c = self.cfg
+        kept = (f"the last good checkpoint is {self.lora_path} (step {self.saved_step})" if self.saved_step is not None
+                else "no checkpoint had been saved yet (set save_every to keep intermediate LoRAs)")
+        if reason == "oom":
+            fix = (f"out of GPU memory at step {self.step}: lower batch_size (now {c.batch_size}), K (now {c.k}) or "
+                   f"the resolution (latent {tuple(self.bundle.latent_shape)}), use grad_accum for a larger effective "
+                   f"batch, or enable checkpointing (now {'on' if c.checkpointing else 'off'})")
+        elif reason == "nan":
+            fix = (f"{detail}: lower the learning rate (now {c.lr:g}), keep grad clipping on (max_grad_norm now "
+                   f"{c.max_grad_norm:g}), lower K, or train in bf16/fp32 instead of fp16 (now {c.precision})")
+        else:
+            fix = f"training was cancelled at step {self.step}"
+        return f"RewardLab DRaFT: {fix}; {kept}."
+
+    def train(self, steps=None):
+        """Train until ``steps`` (default config.train_steps) optimiser steps are done, or early stop.
+        Raises TrainingStopped on NaN/Inf, out-of-memory or cancel, after freeing memory."""
+        total = self.cfg.train_steps if steps is None else steps
+        status, stop = "completed", None
+        try:
+            while self.step < total:
+                if self.cancel is not None and self.cancel():
+                    raise Cancelled(self.step)
+                record = self.train_step()
+                early = self._heldout(record)
+                self.log.append(record)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save()
+                _status_update(step=self.step, total=total, record=record)
+                if self.on_step is not None:
+                    self.on_step(record, self)
+                if early:
+                    status = "early_stopped"
+                    break
+        except torch.cuda.OutOfMemoryError as e:
+            stop = ("oom", str(e).splitlines()[0] if str(e) else "")
+        except NonFiniteLoss as e:
+            stop = ("nan", str(e))
+        except Cancelled:
+            stop = ("cancelled", "")
+        finally:
+            self.opt.zero_grad(set_to_none=True)
+        if stop is not None:              # the exception (and the graph its frames hold) is gone by now
+            self.free_memory()
+            raise TrainingStopped(stop[0], self._stop_message(*stop), self.step,
+                                  self.lora_path if self.saved_step is not None else None)
+        if self.lora_path is not None:
+            self.save()
+        return TrainResult(status, self.step, self.log, self.lora_path if self.saved_step is not None else None,
+                           self.best_heldout)
+
+
+def drtune_steps(n, k):
+    """K evenly spaced step indices over a chain of n steps, always including the last one."""
+    k = max(1, min(k, n))
+    return sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) if k > 1 else n - 1 for i in range(k)})
+
+
+def _default_free_memory():
+    try:
+        from ..nodes import host
+        host.free_memory()
+    except ImportError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _status_update(**kw):
+    """Report progress to training/status.py (the batch runner's run status) when that module exists."""
+    try:
+        from . import status
+    except ImportError:
+        return
+    update = getattr(status, "update", None)
+    if update is not None:
+        try:
+            update(**kw)
+        except TypeError:
+            pass
+
+
+def config_from_dict(d):
+    """A DraftConfig from a plain dict (CLI / node inputs); unknown keys are an error naming them."""
+    known = set(DraftConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown DRaFT settings {unknown}; known: {sorted(known)}")
+    return DraftConfig(**d)
+
+
+def config_to_dict(cfg):
+    return asdict(cfg)
