@@ -50,18 +50,21 @@ class GuidanceSpec:
         return has_uncond and not math.isclose(w, 1.0) and all(g.needs_uncond(ctx) for g in self.gates)
 
 
-def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True):
-    """One guided prediction. ``evaluate(need_uncond) -> (D_c, D_u or None)`` runs the model branches."""
+def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None):
+    """One guided prediction. ``evaluate(need_uncond) -> (D_c, D_u or None)`` runs the model branches.
+    ``finish(D_c, D_u, w, need_uncond) -> D`` lets a host replace the final combination (the ComfyUI guider uses
+    it to keep the stock cfg function and post-CFG hooks); by default the combiner's result, or D_c."""
     w = spec.weight(ctx)
     if spec.combiner.zero_step(ctx):
         return zero_prediction(spec.combiner, x, sigma, ctx)
     need_uncond = spec.needs_uncond(ctx, w, has_uncond)
     D_c, D_u = evaluate(need_uncond)
-    if not need_uncond:
-        return D_c
-    for gate in spec.gates:
-        gate.observe(ctx, D_c, D_u, x, sigma)
-    return combine(spec.combiner, D_c, D_u, x, sigma, ctx, w)
+    if need_uncond:
+        for gate in spec.gates:
+            gate.observe(ctx, D_c, D_u, x, sigma)
+    if finish is not None:
+        return finish(D_c, D_u, w, need_uncond)
+    return combine(spec.combiner, D_c, D_u, x, sigma, ctx, w) if need_uncond else D_c
 
 
 class GuidedRun(nn.Module):
