@@ -20,6 +20,7 @@ The batch is a set of independent problems: every per-sample quantity (reward, r
 iterate, renormalisation) is computed per row, so a batch of B equals B separate runs (except with L-BFGS, whose
 line search couples the rows).
 """
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class Chain:
     seed:        the ancestral-noise seed; fixed, so every evaluation of the same ε gives the same sample. It is the
                  seed a NOISE object carries, which ComfyUI's samplers use for their ancestral noise.
     channels:    the model's latent channel count, checked against the noise.
+    interrupts:  exceptions that mean "the user cancelled" inside ``run`` (a host adds its own).
     """
 
     model: object
@@ -55,6 +57,7 @@ class Chain:
     seed: int = 0
     channels: int = None
     dtype: torch.dtype = None
+    interrupts: tuple = (Cancelled,)
 
     @property
     def steps(self):
@@ -87,6 +90,23 @@ class Chain:
 
     def images(self, latent):
         return latent if self.decode is None else self.decode(latent)
+
+    def counted(self):
+        """(a copy of this chain whose denoiser counts its calls, the counter): budgets of noise search."""
+        counter = CallCounter(self.model)
+        return dataclasses.replace(self, model=counter), counter
+
+
+class CallCounter:
+    """Wraps a denoiser and counts its calls (one per sampler step; a batched CFG call counts once)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.flow = getattr(model, "flow", False)
+
+    def __call__(self, x, sigma, **extra):
+        self.calls += 1
+        return self.model(x, sigma, **extra)
 
 
 def reward_scorer(reward, prompts=None):
@@ -296,7 +316,7 @@ def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, op
                 if renormalise:
                     leaf.mul_((initial_norm / noise_norms(leaf)).view(-1, *[1] * (leaf.ndim - 1)))
         measure(False)                       # the final iterate: evaluated, never updated
-    except (_Stop, Cancelled):
+    except (_Stop, *chain.interrupts):
         cancelled = True
     except RuntimeError as e:
         if is_oom(e):

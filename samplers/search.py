@@ -17,31 +17,12 @@ ancestral seed, reproduces the returned latent. Path search injects fresh noise 
 only reproducible from the noise where the unforked path (the given noise) won; ``extra["from_given_noise"]`` says
 per sample where that is the case.
 """
-import dataclasses
-
 import torch
 
-from .noise_opt import BestTracker, evaluate, is_oom, raise_oom, reward_scorer
+from .noise_opt import BestTracker, CallCounter, evaluate, is_oom, raise_oom, reward_scorer  # noqa: F401
 from .runner import Cancelled
 
 METHODS = ("random", "zero_order", "paths")
-
-
-class CallCounter:
-    """Wraps a denoiser and counts its calls, so a search can be held to a budget of denoiser calls."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-        self.flow = getattr(model, "flow", False)
-
-    def __call__(self, x, sigma, **extra):
-        self.calls += 1
-        return self.model(x, sigma, **extra)
-
-
-def _counted(chain):
-    counter = CallCounter(chain.model)
-    return dataclasses.replace(chain, model=counter), counter
 
 
 def _check_budget(budget, need, what):
@@ -73,7 +54,7 @@ class _Search:
         chain.check_noise(noise)
         if budget is None or budget < 1:
             raise ValueError(f"budget must be a positive number of denoiser calls, got {budget}")
-        self.chain, self.counter = _counted(chain)
+        self.chain, self.counter = chain.counted()
         self.budget, self.callback, self.cancel = budget, callback, cancel
         self.best, self.history = BestTracker(), []
         self.cancelled = False
@@ -107,7 +88,7 @@ def _run(search, body, what):
     try:
         with torch.no_grad():
             return body()
-    except Cancelled:
+    except (Cancelled, *search.chain.interrupts):
         search.cancelled = True
         return search.result()
     except RuntimeError as e:
