@@ -143,3 +143,14 @@ def image_to_bchw(image):
 def bchw_to_image(x):
     """(B, C, H, W) -> ComfyUI IMAGE (B, H, W, C), detached, on the intermediate device."""
     return x.detach().movedim(1, -1).clamp(0, 1).float().to(intermediate_device())
+
+
+# --- sampling choices ---------------------------------------------------------------------------------------------
+
+def scheduler_names():
+    """ComfyUI's scheduler names (for node dropdowns), or the core's outside ComfyUI."""
+    samplers = _optional("comfy.samplers")
+    if samplers is not None:
+        return list(samplers.SCHEDULER_NAMES)
+    from ..samplers.schedules import SCHEDULER_NAMES
+    return list(SCHEDULER_NAMES)
