@@ -154,3 +154,13 @@ def scheduler_names():
         return list(samplers.SCHEDULER_NAMES)
     from ..samplers.schedules import SCHEDULER_NAMES
     return list(SCHEDULER_NAMES)
+
+
+# --- server routes --------------------------------------------------------------------------------------------
+
+def prompt_server_routes():
+    """ComfyUI's ``PromptServer.instance.routes`` (an aiohttp RouteTableDef) inside a running server, else None
+    (tests, the CLI): callers register routes only when this is not None."""
+    server = _optional("server") if in_comfyui() else None
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(instance, "routes", None)
