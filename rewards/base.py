@@ -80,6 +80,9 @@ def check_images(images, name="reward"):
         raise ValueError(f"{name}: expected images as a float tensor shaped (B, C, H, W) in [0, 1], got "
                          f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}. "
                          "ComfyUI IMAGE tensors are (B, H, W, C): convert with image.movedim(-1, 1).")
+    if images.shape[1] != 3 and images.shape[-1] in (3, 4):
+        raise ValueError(f"{name}: images shaped {tuple(images.shape)} look like a ComfyUI IMAGE (B, H, W, C); "
+                         "convert with image[..., :3].movedim(-1, 1).")
     if images.shape[1] != 3:
         raise ValueError(f"{name}: expected 3 colour channels in dim 1, got shape {tuple(images.shape)}. "
                          "Drop alpha with images[:, :3]; repeat grey images to 3 channels.")

@@ -7,7 +7,7 @@ Every model here is: a builder from a config dict (random weights), a loader (bu
                this way; tiny widths need vision_cfg["head_width"], or open_clip builds "num_heads=0"
   quick_gelu   force QuickGELU (OpenAI weights). open_clip 3.x no longer forces it for 'openai' weights and only
                logs a warning; the "-quickgelu" model names set it too.
-  mode, mean, std, antialias, size   preprocessing overrides (default: the model's open_clip preprocess cfg)
+  mode, mean, std, antialias, size, clamp   preprocessing overrides (default: the model's open_clip preprocess cfg)
 """
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ def build_open_clip(config):
                                   force_quick_gelu=bool(config.get("quick_gelu", False)), **config.get("overrides", {}))
 
 
-def preprocess_for(model, config, mode=None):
+def preprocess_for(model, config, mode=None, clamp=True):
     base = from_open_clip(model, mode=config.get("mode", mode), size=config.get("size"))
     return Preprocess(size=base.size, mode=base.mode, mean=tuple(config.get("mean", base.mean)),
-                      std=tuple(config.get("std", base.std)), antialias=bool(config.get("antialias", True)))
+                      std=tuple(config.get("std", base.std)), antialias=bool(config.get("antialias", True)),
+                      clamp=bool(config.get("clamp", clamp)))
 
 
 def _square(size):
@@ -158,7 +159,8 @@ class HPSReward(ClipTextImageReward):
 
 def build_hps(config):
     clip = build_open_clip(config)
-    return HPSReward(clip, preprocess_for(clip, config, mode="longest_pad"), _tokenizer(config, clip))
+    # HPS resizes the float tensor after ToTensor, so bicubic overshoot is not clamped (unlike PIL): clamp=False.
+    return HPSReward(clip, preprocess_for(clip, config, mode="longest_pad", clamp=False), _tokenizer(config, clip))
 
 
 def load_hps(name, config, files):
