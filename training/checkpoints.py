@@ -57,3 +57,14 @@ def load_checkpoint(lora_path):
     sp = state_path(lora_path)
     state = torch.load(sp, map_location="cpu", weights_only=True) if os.path.exists(sp) else None
     return sd, state
+
+
+def output_lora_path(name, root=None, subfolder="loras"):
+    """<output>/loras/<name>.safetensors for a user-given name, which cannot escape the output folder
+    ('../x' becomes 'x'). Inside ComfyUI <output> is its output directory, so LoraLoader lists the file."""
+    from ..nodes import host
+
+    name = str(name)
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    return host.safe_output_path(subfolder, name, ".safetensors", root=root)

@@ -14,8 +14,10 @@ The loss is −reward (or ReLU(cap − reward), ReFL's capped form), plus an opt
 the frozen base: at each grad call the same denoiser runs again with LoRA scale 0 under no_grad on the same x
 and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for ε/v models, velocity for flow).
 
-Randomness is private and derived from (seed, step, micro-batch, rank), so a resumed run draws exactly what the
-uninterrupted run would have drawn; the checkpoint only needs the step (plus optimiser state and the LoRA).
+Randomness is private (no global RNG): every micro-batch draws from its own generator seeded by (seed, global
+micro-batch index), so the RNG state at any point is a function of the step. A resumed run therefore draws exactly
+what the uninterrupted run would have drawn (the checkpoint stores step, seed, optimiser state and the LoRA), and
+data parallelism over N ranks draws exactly what one process accumulating N micro-batches draws.
 """
 import contextlib
 import hashlib
@@ -209,9 +211,10 @@ class Trainer:
 
     def plan(self, step, micro=0):
         c = self.cfg
-        g = _generator(c.seed, "step", step, micro, self.rank)
-        first = ((step * c.grad_accum + micro) * self.world + self.rank) * c.batch_size
-        prompts = [self._prompt(first + b) for b in range(c.batch_size)]
+        # The global micro-batch index: N ranks × 1 micro-batch draw exactly what 1 rank × N micro-batches draws.
+        index = (step * c.grad_accum + micro) * self.world + self.rank
+        g = _generator(c.seed, "batch", index)
+        prompts = [self._prompt(index * c.batch_size + b) for b in range(c.batch_size)]
         shape = (c.batch_size, *self.bundle.latent_shape)
         plan = Plan(step, micro, prompts, torch.randn(shape, generator=g),
                     seed=int(torch.randint(0, 2**62, (), generator=g)))

@@ -1,0 +1,189 @@
+"""Checkpoints and failure handling of the DRaFT trainer: exact resume, NaN / OOM / cancel keep the last good
+checkpoint and free memory, early stopping, unsafe names, and data parallelism (gloo, 2 processes)."""
+import os
+import sys
+
+import pytest
+import torch
+
+from rewardlab.training import checkpoints as ckpt
+from rewardlab.training.draft import DraftConfig, Trainer, TrainingStopped
+from rewardlab.training.lora import lora_state_dict
+
+sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
+from _train_fixtures import TARGETS, reward, toy_bundle  # noqa: E402
+
+PROMPTS = ["a red", "a blue", "a green", "a cat", "a dog"]
+
+
+def config(**kw):
+    base = dict(method="draft_lv", steps=4, batch_size=2, cfg=2.0, rank=2, targets=TARGETS, scheduler="karras",
+                seed=7, lr=1e-2)
+    base.update(kw)
+    return DraftConfig(**base)
+
+
+def trainer(path=None, reward_fn=reward, **kw):
+    return Trainer(toy_bundle(), reward_fn, config(**kw), prompts=PROMPTS, lora_path=path)
+
+
+def lora_of(tr):
+    return lora_state_dict(tr.adapters)
+
+
+@pytest.mark.parametrize("method", ["draft_lv", "alignprop"])
+def test_resume_equals_uninterrupted_run(tmp_path, method):
+    full = trainer(method=method, k=4)
+    full.train(steps=6)
+    path = str(tmp_path / "run.safetensors")
+    first = trainer(path, method=method, k=4)
+    first.train(steps=3)
+    resumed = trainer(path, method=method, k=4).resume()       # a fresh process: new bundle, new LoRA init
+    assert resumed.step == 3
+    resumed.train(steps=6)
+    a, b = lora_of(full), lora_of(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert any(float(a[k].abs().max()) > 0 for k in a if "lora_up" in k)     # it trained
+    assert [r["reward"] for r in full.log] == pytest.approx([r["reward"] for r in resumed.log], abs=1e-6)
+    # the checkpoint is a ComfyUI-format LoRA plus a weights_only-loadable state
+    sd, state = ckpt.load_checkpoint(path)
+    assert all(k.startswith("diffusion_model.") for k in sd) and state["step"] == 6
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    path = str(tmp_path / "run.safetensors")
+    trainer(path).train(steps=1)
+    with pytest.raises(ValueError, match="same settings"):
+        trainer(path, seed=8).resume()
+
+
+class Faulty:
+    """The toy reward, failing at the n-th call with ``error`` (or returning NaN)."""
+
+    def __init__(self, at, error=None):
+        self.at, self.error, self.calls = at, error, 0
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        r = reward(images, prompts)
+        if self.calls == self.at:
+            if self.error is not None:
+                raise self.error
+            return r * float("nan")
+        return r
+
+
+def run_until_failure(tmp_path, fault, **kw):
+    path = str(tmp_path / "run.safetensors")
+    freed = []
+    tr = Trainer(toy_bundle(), fault, config(method="draft_k", save_every=2, **kw), prompts=PROMPTS, lora_path=path,
+                 free_memory=lambda: freed.append(True))
+    with pytest.raises(TrainingStopped) as info:
+        tr.train(steps=10)
+    return tr, path, freed, info.value
+
+
+def assert_last_good_checkpoint_kept(tr, path, step):
+    sd, state = ckpt.load_checkpoint(path)
+    assert state["step"] == step
+    live = lora_of(tr)                       # the failing step never reached the optimiser
+    for k in sd:
+        assert torch.isfinite(sd[k]).all()
+        torch.testing.assert_close(sd[k], live[k], rtol=0, atol=0)
+    assert all(p.grad is None for p in tr.params)
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
+    tr, path, freed, err = run_until_failure(tmp_path, Faulty(at=5))
+    assert err.reason == "nan" and err.step == 4 and freed == [True]
+    assert "learning rate" in str(err) and path in str(err) and "step 4" in str(err)
+    assert_last_good_checkpoint_kept(tr, path, 4)
+
+
+def test_out_of_memory_stops_cleanly_and_names_the_fix(tmp_path):
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    tr, path, freed, err = run_until_failure(tmp_path, Faulty(at=3, error=oom), batch_size=3)
+    assert err.reason == "oom" and freed == [True]
+    assert "lower batch_size (now 3)" in str(err) and "checkpointing" in str(err) and "step 2" in str(err)
+    assert_last_good_checkpoint_kept(tr, path, 2)
+
+
+def test_cancel_stops_cleanly(tmp_path):
+    path = str(tmp_path / "run.safetensors")
+    steps_seen = []
+    tr = Trainer(toy_bundle(), reward, config(method="draft_k", save_every=1), prompts=PROMPTS, lora_path=path,
+                 on_step=lambda rec, t: steps_seen.append(rec["step"]), cancel=lambda: len(steps_seen) >= 2)
+    with pytest.raises(TrainingStopped) as info:
+        tr.train(steps=10)
+    assert info.value.reason == "cancelled" and tr.step == 2
+    assert_last_good_checkpoint_kept(tr, path, 2)
+
+
+def test_early_stop_when_heldout_reward_stops_improving():
+    tr = Trainer(toy_bundle(), reward, config(method="draft_k", heldout_every=1, early_stop_patience=2),
+                 prompts=PROMPTS, heldout=["held out"])
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.9])
+    tr.evaluate = lambda *a, **k: next(scores)
+    result = tr.train(steps=10)
+    assert result.status == "early_stopped" and result.step == 4 and result.best_heldout == 0.7
+    assert [r["heldout_reward"] for r in result.log] == [0.5, 0.7, 0.6, 0.65]
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    one = Trainer(toy_bundle(), reward, config(method="draft_k", grad_accum=2), prompts=PROMPTS)
+    plans = [one.plan(0, m) for m in range(2)]
+    with torch.no_grad():
+        for a in one.adapters.values():
+            a.up.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    expected = [sum(g) / 2 for g in zip(*(torch.autograd.grad(one.loss(p)[0], one.params) for p in plans))]
+    captured = []
+    one.opt.step = lambda: captured.append([p.grad.clone() for p in one.params])
+    one.cfg.max_grad_norm = 0
+    one.train_step()
+    for a, b in zip(captured[0], expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_unsafe_lora_names_stay_inside_the_output_folder(tmp_path):
+    root = str(tmp_path / "out")
+    path = ckpt.output_lora_path("../../x", root=root)
+    assert path == os.path.join(root, "loras", "x.safetensors")
+    assert ckpt.output_lora_path("/etc/passwd", root=root) == os.path.join(root, "loras", "passwd.safetensors")
+    assert ckpt.output_lora_path("my_lora.safetensors", root=root).endswith("loras/my_lora.safetensors")
+
+
+# --- data parallel ------------------------------------------------------------------------------------------------
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        tr = Trainer(toy_bundle(), reward, config(method="draft_k", k=2), prompts=PROMPTS)
+        tr.train(steps=3)
+        torch.save(lora_state_dict(tr.adapters), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_two_gloo_ranks_equal_one_process_accumulating(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children reuse the imported torch (spawn would re-import it, ~4 s of CPU per process)
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)
+    single = Trainer(toy_bundle(), reward, config(method="draft_k", k=2, grad_accum=2), prompts=PROMPTS)
+    single.train(steps=3)
+    ref = lora_state_dict(single.adapters)
+    for k in ref:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)          # ranks stay in sync
+        torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6)   # and equal the accumulated run
