@@ -121,6 +121,7 @@ STOCK_NODES = {
     "PreviewImage": _node("Preview Image", "image", {"images": ["IMAGE", {}]}, (), output_node=True,
                           hidden=_IMAGE_HIDDEN),
     "LoadImage": _node("Load Image", "image", {"image": files("input", image_upload=True)}, ("IMAGE", "MASK")),
+    "PreviewAny": _node("Preview Any", "utils", {"source": ["*", {}]}, (), output_node=True),
 }
 
 # Frontend-only node types: they never reach /prompt (graphToPrompt drops them).

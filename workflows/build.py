@@ -1,0 +1,292 @@
+"""Generate RewardLab's shipped workflows from one description each, in both formats:
+
+- editor format (nodes + links, what the ComfyUI editor saves and loads) -> ``example_workflows/<name>.json``,
+  the folder ComfyUI's template browser serves for custom packs (``app/custom_node_manager.py``);
+- API format (what ``POST /prompt`` and ``rewardlab run`` take) -> ``workflows/api/<name>.json``.
+
+    python workflows/build.py            # (re)write every workflow
+    python workflows/build.py --check    # exit 1 if a shipped file differs from what would be written
+
+Node specs (widget order, defaults, socket types) come from our NODE_CLASS_MAPPINGS and the stock table
+(rewardlab.batch.stock_nodes), so the files follow the nodes when their inputs change: rerun this script.
+"""
+import json
+import os
+import sys
+
+from rewardlab.batch.convert import default_value, input_specs, is_widget, widget_slots
+from rewardlab.batch.stock_nodes import offline_object_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EDITOR_DIR = os.path.join(ROOT, "example_workflows")
+API_DIR = os.path.join(ROOT, "workflows", "api")
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # users pick their own model in the loader
+
+
+class Out:
+    def __init__(self, node, slot):
+        self.node, self.slot = node, slot
+
+
+class Node:
+    def __init__(self, nid, class_type, title, inputs):
+        self.id, self.class_type, self.title, self.inputs = nid, class_type, title, inputs
+
+    def __getitem__(self, slot):
+        return Out(self, slot)
+
+
+class Primitive:
+    """A frontend PrimitiveNode: one value written into several widgets (e.g. a prompt shared by two nodes)."""
+
+    def __init__(self, nid, title, value):
+        self.id, self.title, self.value, self.targets = nid, title, value, []
+
+
+class Graph:
+    def __init__(self, name, note=""):
+        self.name, self.note = name, note
+        self.nodes, self.primitives, self.groups = [], [], []
+
+    def add(self, class_type, title=None, **inputs):
+        node = Node(len(self.nodes) + len(self.primitives) + 1, class_type, title, inputs)
+        self.nodes.append(node)
+        return node
+
+    def primitive(self, title, value):
+        prim = Primitive(len(self.nodes) + len(self.primitives) + 1, title, value)
+        self.primitives.append(prim)
+        return prim
+
+    def group(self, title, *nodes):
+        self.groups.append((title, nodes))
+
+    # --- API format --------------------------------------------------------------------------------------------
+    def values(self, node, info):
+        """Widget values of a node: given ones (primitive values resolved), defaults for the rest."""
+        out = {}
+        for name, typ, opts in input_specs(info[node.class_type]):
+            if not is_widget(typ, opts):
+                continue
+            value = node.inputs[name] if name in node.inputs else default_value(typ, opts)
+            if isinstance(value, Primitive):
+                value = value.value
+            if not isinstance(value, Out):
+                out[name] = value
+        return out
+
+    def api(self, info):
+        prompt = {}
+        for node in self.nodes:
+            spec = info[node.class_type]
+            unknown = set(node.inputs) - {name for name, _, _ in input_specs(spec)}
+            if unknown:
+                raise ValueError(f"{self.name}: {node.class_type} has no inputs {sorted(unknown)}")
+            inputs = self.values(node, info)
+            for name, value in node.inputs.items():
+                if isinstance(value, Out):
+                    inputs[name] = [str(value.node.id), value.slot]
+            prompt[str(node.id)] = {"inputs": inputs, "class_type": node.class_type,
+                                    "_meta": {"title": node.title or spec.get("display_name") or node.class_type}}
+        return prompt
+
+    # --- editor format -----------------------------------------------------------------------------------------
+    def editor(self, info):
+        links, incoming = [], {}   # incoming[(node id, input name)] = link id
+        outgoing = {}              # outgoing[(node id, slot)] = [link ids]
+
+        def link(src_id, slot, dst, name, typ):
+            lid = len(links) + 1
+            links.append([lid, src_id, slot, dst.id, None, typ])  # target slot is filled in below
+            incoming[(dst.id, name)] = lid
+            outgoing.setdefault((src_id, slot), []).append(lid)
+
+        for node in self.nodes:
+            for name, value in node.inputs.items():
+                if isinstance(value, Out):
+                    link(value.node.id, value.slot, node, name, info[value.node.class_type]["output"][value.slot])
+                elif isinstance(value, Primitive):
+                    spec = dict((n, t) for n, t, _ in input_specs(info[node.class_type]))
+                    link(value.id, 0, node, name, "COMBO" if isinstance(spec[name], list) else spec[name])
+                    value.targets.append((node, name))
+        positions = self._layout()
+        nodes = [self._note_node(positions)] if self.note else []
+        for order, node in enumerate(self.nodes):
+            nodes.append(self._editor_node(node, info, order, positions[node.id], links, incoming, outgoing))
+        for prim in self.primitives:
+            nodes.append(self._primitive_node(prim, info, positions[prim.id], outgoing))
+        groups = [self._group(title, members, positions) for title, members in self.groups]
+        last_id = max([n["id"] for n in nodes] + [0])
+        return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links,
+                "groups": groups, "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+    def _editor_node(self, node, info, order, pos, links, incoming, outgoing):
+        spec = info[node.class_type]
+        inputs = []
+        for name, typ, opts in input_specs(spec):
+            linked = incoming.get((node.id, name))
+            if is_widget(typ, opts) and linked is None:
+                continue
+            entry = {"name": name, "type": "COMBO" if isinstance(typ, list) else typ, "link": linked}
+            if is_widget(typ, opts):
+                entry["widget"] = {"name": name}
+            if linked is not None:
+                links[linked - 1][4] = len(inputs)
+            inputs.append(entry)
+        outputs = [{"name": spec["output_name"][i], "type": t, "links": outgoing.get((node.id, i), []),
+                    "slot_index": i} for i, t in enumerate(spec["output"])]
+        values = self.values(node, info)
+        widgets = [values[name] if name else _ui_widget_value(kind) for name, kind, _ in widget_slots(spec)]
+        out = {"id": node.id, "type": node.class_type, "pos": pos, "size": _size(len(widgets), inputs, outputs),
+               "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+               "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
+        if node.title and node.title != spec.get("display_name"):
+            out["title"] = node.title
+        return out
+
+    def _primitive_node(self, prim, info, pos, outgoing):
+        node, name = prim.targets[0]
+        typ, opts = next((t, o) for n, t, o in input_specs(info[node.class_type]) if n == name)
+        slots = [s for s in widget_slots(info[node.class_type])]
+        has_control = any(s[0] is None and slots[i - 1][0] == name for i, s in enumerate(slots) if i)
+        kind = "COMBO" if isinstance(typ, list) else typ
+        return {"id": prim.id, "type": "PrimitiveNode", "pos": pos, "size": [400, 160 if kind == "STRING" else 82],
+                "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [],
+                "outputs": [{"name": kind, "type": kind, "links": outgoing.get((prim.id, 0), []),
+                             "slot_index": 0, "widget": {"name": name}}],
+                "title": prim.title, "properties": {"Run widget replace on values": False},
+                "widgets_values": [prim.value] + (["fixed"] if has_control else [])}
+
+    def _note_node(self, positions):
+        return {"id": len(self.nodes) + len(self.primitives) + 1, "type": "Note", "pos": [40, -260],
+                "size": [520, 200], "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
+                "title": "How to use", "properties": {"text": ""}, "widgets_values": [self.note],
+                "color": "#432", "bgcolor": "#653"}
+
+    def _layout(self):
+        """Columns by dependency depth (sources sit just left of their first consumer), rows in insertion
+        order; primitives sit in the first column."""
+        depth, children = {}, {}
+        for node in self.nodes:
+            for value in node.inputs.values():
+                if isinstance(value, Out):
+                    children.setdefault(value.node.id, []).append(node)
+
+        def node_depth(node):
+            if node.id not in depth:
+                parents = [v.node for v in node.inputs.values() if isinstance(v, Out)]
+                depth[node.id] = 1 + max((node_depth(p) for p in parents), default=0)
+            return depth[node.id]
+
+        for node in self.nodes:
+            node_depth(node)
+        for node in self.nodes:
+            if not any(isinstance(v, Out) for v in node.inputs.values()) and node.id in children:
+                depth[node.id] = max(1, min(depth[c.id] for c in children[node.id]) - 1)
+        rows, pos = {}, {}
+        for node in self.nodes:
+            col = depth[node.id]
+            pos[node.id] = [40 + 400 * col, 40 + 260 * rows.get(col, 0)]
+            rows[col] = rows.get(col, 0) + 1
+        for prim in self.primitives:
+            pos[prim.id] = [40, 40 + 260 * rows.get(0, 0)]
+            rows[0] = rows.get(0, 0) + 1
+        return pos
+
+    @staticmethod
+    def _group(title, members, positions):
+        xs = [positions[m.id][0] for m in members]
+        ys = [positions[m.id][1] for m in members]
+        return {"title": title, "bounding": [min(xs) - 20, min(ys) - 50, max(xs) - min(xs) + 380,
+                                             max(ys) - min(ys) + 300],
+                "color": "#3f789e", "font_size": 24, "flags": {}}
+
+
+def _ui_widget_value(kind):
+    return {"control_after_generate": "fixed", "control_filter_list": "", "upload": "image"}[kind]
+
+
+def _size(n_widgets, inputs, outputs):
+    return [340, 46 + 24 * (max(len(inputs), len(outputs)) + n_widgets)]
+
+
+# --- the workflows -----------------------------------------------------------------------------------------------
+
+WORKFLOWS = {}
+
+
+def workflow(fn):
+    WORKFLOWS[fn.__name__] = fn
+    return fn
+
+
+def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, seed=0, steps=20, cfg=7.0):
+    """Checkpoint, prompts and an empty latent: (loader, positive, negative, latent, prompt primitive)."""
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    text = g.primitive("Prompt", prompt)
+    pos = g.add("CLIPTextEncode", "Positive", text=text, clip=ckpt[1])
+    neg = g.add("CLIPTextEncode", "Negative", text=negative, clip=ckpt[1])
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=batch_size)
+    return ckpt, pos, neg, latent, text
+
+
+@workflow
+def score_and_rank():
+    g = Graph("score_and_rank", note=(
+        "Score and rank a batch with a reward model.\n\n1. Pick your SD1.5 checkpoint in Load Checkpoint.\n"
+        "2. Put the reward weights in models/rewards (see the README) and pick the reward in Load Reward Model.\n"
+        "3. Queue: KSampler makes 4 candidates, Rank Images keeps the best, the table shows every score.\n\n"
+        "Batch runs: rewardlab run workflows/api/score_and_rank.json --server http://127.0.0.1:8188 "
+        "--set KSampler.seed=1..8"))
+    ckpt, pos, neg, latent, text = txt2img(g, "a photo of a red fox in the snow, golden hour", batch_size=4)
+    sampler = g.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
+                    steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
+    rank = g.add("RewardLabRankImages", reward=reward[0], images=decode[0], prompts=text, top_k=1,
+                 order="best first", latent=sampler[0])
+    g.add("SaveImage", "Save best", images=rank[0], filename_prefix="rewardlab/best")
+    g.add("PreviewImage", "All candidates", images=decode[0])
+    g.add("PreviewAny", "Scores", source=rank[3])
+    g.group("Generate", ckpt, pos, neg, latent, sampler)
+    g.group("Score and rank", reward, rank)
+    return g
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+
+def render(info=None):
+    """{relative path: JSON text} of every workflow in both formats."""
+    info = info or offline_object_info()
+    files = {}
+    for name, build in WORKFLOWS.items():
+        g = build()
+        files[os.path.join("example_workflows", f"{name}.json")] = _dump(g.editor(info))
+        files[os.path.join("workflows", "api", f"{name}.json")] = _dump(g.api(info))
+    return files
+
+
+def _dump(data):
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    stale = []
+    for rel, text in render().items():
+        path = os.path.join(ROOT, rel)
+        current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+        if current == text:
+            continue
+        stale.append(rel)
+        if "--check" not in argv:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+    verb = "out of date" if "--check" in argv else "written"
+    print("\n".join(f"{verb}: {rel}" for rel in stale) or "all workflows up to date")
+    return 1 if stale and "--check" in argv else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
