@@ -59,11 +59,15 @@ def get_spec(name):
 # --- weight files ------------------------------------------------------------------------------------------
 
 def find_file(spec, wf, folders):
+    """First existing file: each accepted name in a folder or its <model>/ subfolder; the Hugging Face file name
+    (often generic, e.g. open_clip_model.safetensors) only in the <model>/ subfolder, where downloads go."""
     for folder in folders:
-        for candidate in wf.names:
-            for path in (os.path.join(folder, candidate), os.path.join(folder, spec.name, candidate)):
-                if os.path.isfile(path):
-                    return path
+        candidates = [os.path.join(d, n) for n in wf.names for d in (folder, os.path.join(folder, spec.name))]
+        if wf.hf:
+            candidates.append(os.path.join(folder, spec.name, wf.hf[1]))
+        for path in candidates:
+            if os.path.isfile(path):
+                return path
     return None
 
 
@@ -90,7 +94,7 @@ def _missing_message(spec, wf, folders, allow_download):
     if wf.layout:
         msg += f" Expected: {wf.layout}."
     if wf.hf:
-        msg += f" Source: huggingface.co/{wf.hf[0]} file {wf.hf[1]}"
+        msg += f" Source: huggingface.co/{wf.hf[0]} file {wf.hf[1]} (also accepted as '{spec.name}/{wf.hf[1]}')"
         msg += "." if allow_download else " (or enable 'allow download' to fetch it)."
     if wf.url:
         msg += f" Manual download: {wf.url}"
@@ -101,7 +105,7 @@ def _download(spec, wf, folders):
     from huggingface_hub import hf_hub_download
 
     repo, filename = wf.hf
-    target = folders[0] if folders else None
+    target = os.path.join(folders[0], spec.name) if folders else None
     log.warning("RewardLab: downloading %s for reward %r from huggingface.co/%s into %s (downloads were enabled by the user)",
                 filename, spec.name, repo, target or "the Hugging Face cache")
     return hf_hub_download(repo, filename, local_dir=target)

@@ -351,7 +351,7 @@ def test_registry_never_downloads_unless_enabled(tmp_path, tiny_spec, monkeypatc
     assert "tiny.safetensors" in msg and str(tmp_path) in msg and "allow download" in msg and "org/repo" in msg
     assert calls == []
     registry.resolve_files("test-tiny", str(tmp_path), allow_download=True)
-    assert calls and calls[0][0] == ("org/repo", "tiny.pt") and calls[0][1]["local_dir"] == str(tmp_path)
+    assert calls and calls[0][0] == ("org/repo", "tiny.pt") and calls[0][1]["local_dir"] == str(tmp_path / "test-tiny")
 
 
 def test_registry_lists_all_models_and_rejects_unknown_names():
