@@ -26,11 +26,11 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
 
 
-async def batch(server_kw, runs, out, concurrency=2, logs=None, **kw):
+async def batch(server_kw, runs, out, concurrency=2, logs=None, progress=False, **kw):
     srv = await FakeComfy(object_info(), **server_kw).start()
     try:
         runner = BatchRunner(srv.url, out, concurrency=concurrency, retry=FAST_RETRY, poll_interval=0.3,
-                             progress=False, log=(logs.append if logs is not None else lambda m: None), **kw)
+                             progress=progress, log=(logs.append if logs is not None else lambda m: None), **kw)
         records = await runner.run(runs)
     finally:
         await srv.stop()
@@ -174,3 +174,10 @@ def test_cli_sweep_and_score_report(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert html.index(scores[0]["path"]) < html.index(scores[-1]["path"])
     assert "a red apple" in html
+
+
+def test_progress_bar_follows_runs_and_node_steps(tmp_path, capsys):
+    run(batch({}, seed_runs("1..2", steps=4), str(tmp_path), concurrency=1, progress=True))
+    err = capsys.readouterr().err
+    assert "[" + "#" * 24 + "] 2/2 runs" in err        # the bar fills as runs finish
+    assert "node 3 4/4" in err                          # websocket 'progress' of the sampler node
