@@ -72,7 +72,7 @@ class ImageReward(Reward):
         # bidirectional, as in BLIP's text *encoder*. All image tokens are attended (no image mask).
         text = self.blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
                                       encoder_hidden_states=image_tokens, is_decoder=False)
-        raw = self.mlp.layers(text.last_hidden_state[:, 0].float())
+        raw = self.mlp.layers(text.last_hidden_state[:, 0]).float()
         return ((raw - SCORE_MEAN) / SCORE_STD).squeeze(-1)
 
 
@@ -143,9 +143,10 @@ def load_imagereward(path, vision=None, text=None, tokenizer=None, model_name="i
 
 
 def load(name, config, files):
-    """Registry loader: ``files['weights']`` is ImageReward.pt; ``config`` may override 'vision'/'text' (tests use
-    tiny ones) and name a 'tokenizer' folder."""
-    tokenizer = bert_tokenizer(config["tokenizer"]) if config.get("tokenizer") else None
+    """Registry loader: ``files['weights']`` is ImageReward.pt; an optional ``files['tokenizer']`` is a vocab.txt;
+    ``config`` may override 'vision'/'text' (tests use tiny ones) and name a 'tokenizer' folder."""
+    folder = os.path.dirname(files["tokenizer"]) if files.get("tokenizer") else config.get("tokenizer")
+    tokenizer = bert_tokenizer(folder) if folder else None
     return load_imagereward(files["weights"], config.get("vision"), config.get("text"), tokenizer, model_name=name)
 
 

@@ -180,3 +180,11 @@ def test_gradients_are_finite_and_ascent_raises_the_score(reward, images):
         (grad,) = torch.autograd.grad(reward(x, PROMPTS[2]).sum(), x)
         x = (x + 0.01 * grad / grad.abs().max()).clamp(0, 1)
     assert reward(x.detach(), PROMPTS[2]).item() > start + 1e-3
+
+
+def test_half_precision_weights_score_close_to_fp32(reward, images):
+    """Preprocessing stays fp32 (no bf16 bicubic kernel on CPU); the towers run in the weights' dtype."""
+    x = to_tensor(images[0])
+    half = copy.deepcopy(reward).to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert rel_err(half(x, PROMPTS[2]), reward(x, PROMPTS[2])) < 5e-2
