@@ -220,10 +220,11 @@ def workflow(fn):
     return fn
 
 
-def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, seed=0, steps=20, cfg=7.0):
-    """Checkpoint, prompts and an empty latent: (loader, positive, negative, latent, prompt primitive)."""
+def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, share_prompt=False):
+    """Checkpoint, prompts and an empty latent: (loader, positive, negative, latent, prompt). With
+    ``share_prompt`` the prompt is a PrimitiveNode, to feed the same text to a reward node too."""
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
-    text = g.primitive("Prompt", prompt)
+    text = g.primitive("Prompt", prompt) if share_prompt else prompt
     pos = g.add("CLIPTextEncode", "Positive", text=text, clip=ckpt[1])
     neg = g.add("CLIPTextEncode", "Negative", text=negative, clip=ckpt[1])
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=batch_size)
@@ -238,7 +239,8 @@ def score_and_rank():
         "3. Queue: KSampler makes 4 candidates, Rank Images keeps the best, the table shows every score.\n\n"
         "Batch runs: rewardlab run workflows/api/score_and_rank.json --server http://127.0.0.1:8188 "
         "--set KSampler.seed=1..8"))
-    ckpt, pos, neg, latent, text = txt2img(g, "a photo of a red fox in the snow, golden hour", batch_size=4)
+    ckpt, pos, neg, latent, text = txt2img(g, "a photo of a red fox in the snow, golden hour", batch_size=4,
+                                           share_prompt=True)
     sampler = g.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
                     steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
@@ -250,6 +252,89 @@ def score_and_rank():
     g.add("PreviewAny", "Scores", source=rank[3])
     g.group("Generate", ckpt, pos, neg, latent, sampler)
     g.group("Score and rank", reward, rank)
+    return g
+
+
+def custom_sampling(g, model, guider, latent, vae, prefix, steps=20, seed=0):
+    """RandomNoise + KSamplerSelect + BasicScheduler into SamplerCustomAdvanced, decoded and saved.
+    Returns (sigmas node, sampler node)."""
+    noise = g.add("RandomNoise", noise_seed=seed)
+    select = g.add("KSamplerSelect", sampler_name="euler")
+    sigmas = g.add("BasicScheduler", model=model, scheduler="karras", steps=steps, denoise=1.0)
+    sample = g.add("SamplerCustomAdvanced", noise=noise[0], guider=guider, sampler=select[0], sigmas=sigmas[0],
+                   latent_image=latent)
+    decode = g.add("VAEDecode", samples=sample[0], vae=vae)
+    g.add("SaveImage", images=decode[0], filename_prefix=prefix)
+    return sigmas, sample
+
+
+@workflow
+def scheduled_guidance_guider():
+    g = Graph("scheduled_guidance_guider", note=(
+        "Guidance that changes over the steps, as a GUIDER for SamplerCustomAdvanced.\n\n"
+        "Guidance Schedule (Wang et al.) makes a CFG schedule (here linear, mean scale 7.5); Scheduled Guider "
+        "applies it per step (combiner: cfg, APG, CFG-Zero*, rescale). The plots show the scale per step and "
+        "per sigma. Pick your SD1.5 checkpoint in Load Checkpoint."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a watercolor painting of a lighthouse on a cliff")
+    schedule = g.add("RewardLabGuidanceWang", family="linear", cfg=7.5, floor=2.0, power=1.0, axis="p_step")
+    guider = g.add("RewardLabScheduledGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=7.5,
+                   combiner="cfg", cfg_schedule=schedule[0])
+    sigmas, _ = custom_sampling(g, ckpt[0], guider[0], latent[0], ckpt[2], "rewardlab/scheduled_guidance")
+    plot = g.add("RewardLabPlotGuidanceSchedule", model=ckpt[0], sigmas=sigmas[0], cfg=7.5, cfg_schedule=schedule[0])
+    g.add("PreviewImage", "Schedule by step", images=plot[0])
+    g.group("Guidance schedule", schedule, guider)
+    return g
+
+
+@workflow
+def guidance_model_patch():
+    g = Graph("guidance_model_patch", note=(
+        "The same guidance schedules as a MODEL patch, so the stock KSampler uses them.\n\n"
+        "Guidance Interval applies CFG 7 only for sigmas in [0.28, 5.42] (Kynkaanniemi et al.) and 1 outside; "
+        "Apply Guidance Schedule patches the model's CFG function. KSampler's cfg must stay above 1 (at 1 it "
+        "skips the unconditional pass). Pick your SD1.5 checkpoint in Load Checkpoint."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a cozy cabin in a snowy forest at night, warm light")
+    schedule = g.add("RewardLabGuidanceInterval", cfg=7.0, low=0.28, high=5.42, axis="sigma_edm", outside=1.0)
+    patched = g.add("RewardLabApplyGuidanceSchedule", model=ckpt[0], combiner="cfg", cfg_schedule=schedule[0])
+    sampler = g.add("KSampler", model=patched[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
+                    steps=20, cfg=7.0, sampler_name="euler", scheduler="karras", denoise=1.0)
+    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    g.add("SaveImage", images=decode[0], filename_prefix="rewardlab/guidance_patch")
+    g.group("Guidance as a model patch", schedule, patched)
+    return g
+
+
+@workflow
+def reward_guidance():
+    g = Graph("reward_guidance", note=(
+        "Reward guidance: each step nudges the sample along the gradient of a reward of its decoded x0 "
+        "(between start and end of the schedule).\n\nReward Guidance wraps any GUIDER (here CFGGuider). Put the "
+        "reward weights in models/rewards and pick the reward in Load Reward Model; the prompt is shared with "
+        "the text encoder. Memory: the reward gradient goes through the VAE decoder."))
+    ckpt, pos, neg, latent, text = txt2img(g, "a bowl of ripe peaches on a wooden table, soft window light",
+                                           share_prompt=True)
+    cfg = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=7.0)
+    reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
+    guided = g.add("RewardLabRewardGuider", guider=cfg[0], vae=ckpt[2], reward=reward[0], prompt=text, strength=1.0,
+                   start=0.0, end=0.8, backward_steps=0, backward_lr=0.1, gradient="x0 only")
+    custom_sampling(g, ckpt[0], guided[0], latent[0], ckpt[2], "rewardlab/reward_guidance")
+    g.group("Reward guidance", cfg, reward, guided)
+    return g
+
+
+@workflow
+def cads():
+    g = Graph("cads", note=(
+        "CADS (condition-annealed sampling, Sadat et al. 2024): noise is added to the conditioning early in "
+        "sampling (annealed between tau1 and tau2) for more diverse samples at high guidance.\n\n"
+        "CADS wraps any GUIDER. Sweep seeds to see the diversity: rewardlab run workflows/api/cads.json "
+        "--server http://127.0.0.1:8188 --set RandomNoise.noise_seed=1..8"))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a portrait photo of an astronaut, studio lighting", batch_size=2)
+    cfg = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=9.0)
+    annealed = g.add("RewardLabCADSGuider", guider=cfg[0], tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0, seed=0,
+                     axis="p_step")
+    custom_sampling(g, ckpt[0], annealed[0], latent[0], ckpt[2], "rewardlab/cads")
+    g.group("CADS", cfg, annealed)
     return g
 
 
