@@ -200,7 +200,7 @@ for _spec in (
                            hf=("THUDM/ImageReward", "ImageReward.pt")),),
                "ImageReward v1.0 (BLIP ViT-L/16 + BERT cross-attention), standardised score ~-2..2.", "Apache-2.0"),
     RewardSpec("pickscore", "pickscore:load", {},
-               (WeightFile("weights", ("PickScore_v1.safetensors", "model.safetensors"),
+               (WeightFile("weights", ("PickScore_v1.safetensors",),
                            layout="transformers CLIPModel (CLIP-H) state dict", hf=("yuvalkirstain/PickScore_v1", "model.safetensors")),),
                "PickScore v1: logit_scale.exp() * cosine with a CLIP-H fine-tuned on Pick-a-Pic; ~20-23.", "code MIT, weights unstated"),
     # Weight-free rewards (simple.py).
