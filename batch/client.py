@@ -122,6 +122,10 @@ class ComfyClient:
         data = (await self._request("GET", "/queue"))[1]
         return {item[1] for key in ("queue_running", "queue_pending") for item in data.get(key, [])}
 
+    async def delete_queued(self, prompt_ids):
+        """Remove pending prompts from the queue (``POST /queue {"delete": [...]}``); running ones are not touched."""
+        await self._request("POST", "/queue", json={"delete": list(prompt_ids)}, expect_json=False, retry=False)
+
     async def view(self, item):
         params = {"filename": item["filename"], "subfolder": item.get("subfolder", ""),
                   "type": item.get("type", "output")}

@@ -113,6 +113,7 @@ class BatchRunner:
         self.client_id = uuid.uuid4().hex
         self._signals = {}      # prompt id -> asyncio.Event set on a terminal websocket message
         self._events = {}       # prompt id -> {"started": t, "error": data}
+        self._queued = set()    # prompt ids submitted and not yet seen finished (kept on cancel, for _unqueue)
         self.progress = None
 
     # websocket callbacks ------------------------------------------------------------------------------------------
@@ -141,12 +142,12 @@ class BatchRunner:
         """Run all ``runs`` (sweep.Run); returns the manifest records of this invocation, skipped ones included."""
         os.makedirs(self.out_dir, exist_ok=True)
         previous = self.manifest.load()
-        todo = [r for r in runs if not finished_ok(previous.get(r.key), self.out_dir)]
-        skipped = [previous[r.key] for r in runs if r not in todo]
+        done = {r.key: previous[r.key] for r in runs if finished_ok(previous.get(r.key), self.out_dir)}
+        todo = [r for r in runs if r.key not in done]
         self.progress = Progress(len(runs), enabled=self.progress_enabled)
-        self.progress.skipped = len(skipped)
-        if skipped:
-            self.log(f"resume: {len(skipped)} of {len(runs)} runs already finished in {self.manifest.path}")
+        self.progress.skipped = len(done)
+        if done:
+            self.log(f"resume: {len(done)} of {len(runs)} runs already finished in {self.manifest.path}")
         self._ws_up, stop = asyncio.Event(), asyncio.Event()
         sem = asyncio.Semaphore(self.concurrency)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -158,12 +159,25 @@ class BatchRunner:
                 except asyncio.TimeoutError:
                     self.log("websocket not connected yet; following runs through /history only")
                 results = await asyncio.gather(*(self._run_one(run, sem) for run in todo))
+            except asyncio.CancelledError:
+                await self._unqueue(sorted(self._queued))
+                raise
             finally:
                 stop.set()
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
                 self.progress.close()
-        return skipped + list(results)
+        done.update((rec["key"], rec) for rec in results)
+        return [done[r.key] for r in runs]
+
+    async def _unqueue(self, prompt_ids):
+        """On interrupt, take our prompts that have not started off the server's queue (best effort: the one
+        running finishes; a rerun submits the unfinished runs again)."""
+        if prompt_ids:
+            try:
+                await asyncio.wait_for(self.client.delete_queued(prompt_ids), timeout=3)
+            except (ServerUnavailable, asyncio.TimeoutError, aiohttp.ClientError):
+                pass
 
     async def _run_one(self, run, sem):
         async with sem:
@@ -194,6 +208,7 @@ class BatchRunner:
             pid = uuid.uuid4().hex
             record.update(prompt_id=pid, attempts=attempt)
             self._signals[pid] = asyncio.Event()
+            self._queued.add(pid)
             try:
                 response = await self._submit(run.prompt, pid)
                 record["timings"]["submitted"] = time.time()
@@ -202,6 +217,13 @@ class BatchRunner:
                     self.log(f"run {run.key}: some outputs were dropped by validation:\n"
                              + format_rejection(None, response["node_errors"], run.prompt))
                 entry = await asyncio.wait_for(self._wait(pid), timeout=self.run_timeout)
+            except asyncio.CancelledError:
+                raise  # the id stays in _queued: run() takes it off the server's queue
+            except BaseException:
+                self._queued.discard(pid)
+                raise
+            else:
+                self._queued.discard(pid)
             finally:
                 self._signals.pop(pid, None)
             events = self._events.pop(pid, {})

@@ -57,6 +57,7 @@ class FakeComfy:
         app.router.add_post("/prompt", self.post_prompt)
         app.router.add_get("/history/{pid}", self.get_history)
         app.router.add_get("/queue", self.get_queue)
+        app.router.add_post("/queue", self.post_queue)
         app.router.add_get("/view", self.get_view)
         app.router.add_get("/ws", self.get_ws)
         self._runner = web.AppRunner(app, shutdown_timeout=0.2)
@@ -114,6 +115,14 @@ class FakeComfy:
     async def get_queue(self, request):
         running = [list(self.running[:4])] if self.running else []
         return web.json_response({"queue_running": running, "queue_pending": [list(q[:4]) for q in self.queue]})
+
+    async def post_queue(self, request):
+        body = await request.json()
+        if body.get("clear"):
+            self.queue.clear()
+        doomed = set(body.get("delete") or [])
+        self.queue = [q for q in self.queue if q[1] not in doomed]
+        return web.Response(status=200)
 
     async def get_view(self, request):
         q = request.query

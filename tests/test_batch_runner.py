@@ -115,7 +115,7 @@ def test_interrupt_keeps_finished_runs(tmp_path):
 
     async def interrupted():
         srv = await FakeComfy(object_info(), step_delay=0.01).start()
-        runner = BatchRunner(srv.url, out, concurrency=1, retry=FAST_RETRY, poll_interval=0.3, progress=False,
+        runner = BatchRunner(srv.url, out, concurrency=3, retry=FAST_RETRY, poll_interval=0.3, progress=False,
                              log=lambda m: None)
         task = asyncio.create_task(runner.run(seed_runs("1..8")))
         while len(Manifest(out).load()) < 3:
@@ -123,12 +123,14 @@ def test_interrupt_keeps_finished_runs(tmp_path):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        pending_after = len(srv.queue)  # our queued prompts were taken off the server's queue
         await srv.stop()
+        return pending_after
 
-    run(interrupted())
+    assert run(interrupted()) == 0
     kept = Manifest(out).load()
     assert 3 <= len(kept) < 8 and all(r["status"] == "success" for r in kept.values())
-    srv, records = run(batch({}, seed_runs("1..8"), out, concurrency=1))
+    srv, records = run(batch({}, seed_runs("1..8"), out, concurrency=3))
     assert srv.posts == 8 - len(kept)
     check_complete(records, out)
 
