@@ -139,7 +139,8 @@ class BatchRunner:
 
     # main entry -----------------------------------------------------------------------------------------------------
     async def run(self, runs):
-        """Run all ``runs`` (sweep.Run); returns the manifest records of this invocation, skipped ones included."""
+        """Run all ``runs`` (sweep.Run); returns one manifest record per run, in order (finished ones from an
+        earlier invocation included as they were)."""
         os.makedirs(self.out_dir, exist_ok=True)
         previous = self.manifest.load()
         done = {r.key: previous[r.key] for r in runs if finished_ok(previous.get(r.key), self.out_dir)}
