@@ -191,6 +191,17 @@ def _expand(text, i, rng, top):
 
 # --- the graph ------------------------------------------------------------------------------------------------
 
+def link_rows(workflow):
+    """Links as [id, origin id, origin slot, target id, target slot, type] rows (schema 1.0 stores objects)."""
+    rows = []
+    for link in workflow.get("links") or []:
+        if isinstance(link, dict):
+            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
+                    link.get("type")]
+        rows.append(list(link[:6]))
+    return rows
+
+
 def types_compatible(a, b):
     """litegraph's isValidConnection: '*'/'' match anything, case-insensitive, comma lists match any member."""
     a = "" if a in ("*", None) else str(a)
@@ -208,12 +219,8 @@ class _Graph:
         self.info = object_info
         self.rng = rng
         self.nodes = {str(n["id"]): n for n in workflow["nodes"]}
-        self.links = {}
-        for link in workflow.get("links") or []:
-            if isinstance(link, dict):  # schema 1.0 stores links as objects
-                link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"],
-                        link.get("type")]
-            self.links[link[0]] = (str(link[1]), int(link[2]), str(link[3]), int(link[4]), link[5])
+        self.links = {row[0]: (str(row[1]), int(row[2]), str(row[3]), int(row[4]), row[5])
+                      for row in link_rows(workflow)}
         self.outgoing = {}
         for lid, (src, _, dst, _, _) in self.links.items():
             self.outgoing.setdefault(src, []).append(lid)
@@ -244,8 +251,8 @@ class _Graph:
     def _convert(self, nid, node, info):
         inputs = {}
         values = widget_values(node, info)
-        values.update(self.widget_overrides.get(nid, {}))
         specs = {name: (typ, opts) for name, typ, opts in input_specs(info)}
+        values.update({k: v for k, v in self.widget_overrides.get(nid, {}).items() if k in specs})
         for name, value in values.items():
             typ, opts = specs[name]
             if typ == "STRING" and opts.get("dynamicPrompts") and isinstance(value, str):

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .convert import (CONTROL_VALUES, WorkflowError, combo_options, input_specs, is_api_format, is_editor_format,
-                      is_widget, to_api, types_compatible, widget_slots)
+                      is_widget, link_rows, to_api, types_compatible, widget_slots)
 from .stock_nodes import FILE_FOLDER, MODEL_EXTENSIONS, VIRTUAL_NODES, offline_object_info
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,8 +139,7 @@ def validate_editor(workflow, info):
 
 def _check_link_table(workflow, nodes, info):
     errors = []
-    for link in workflow.get("links") or []:
-        lid, src, src_slot, dst, dst_slot, typ = link[:6]
+    for lid, src, src_slot, dst, dst_slot, typ in link_rows(workflow):
         where = f"link {lid}"
         s, d = nodes.get(str(src)), nodes.get(str(dst))
         if s is None or d is None:

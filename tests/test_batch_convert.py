@@ -158,3 +158,11 @@ def test_dynamic_prompts():
     nested = {dynamic_prompt("{x|{y|z}}!", rng) for _ in range(60)}
     assert nested == {"x!", "y!", "z!"}
     assert dynamic_prompt("keep \\{this\\} /* gone */text // gone too", rng) == "keep \\{this\\} text "
+
+
+def test_links_saved_as_objects_convert_the_same():
+    """Workflow schema 1.0 stores links as objects instead of rows."""
+    wf = editor_workflow()
+    wf["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), row))
+                   for row in wf["links"]]
+    assert to_api(wf, object_info()) == EXPECTED
