@@ -200,3 +200,13 @@ def load_clipscore(name, config, files):
     load_into(reward.clip, read_state_dict(path, name, "open_clip state dict"), name, path,
               f"open_clip {config['clip_model']} state dict")
     return reward
+
+
+def clip_score(clip_model, weights, scale="logit_scale", device="cpu", dtype=torch.float32, **config):
+    """CLIP score for any open_clip model name and a local open_clip state-dict file (no registry entry needed),
+    e.g. ``clip_score("ViT-B-16", "/models/ViT-B-16.safetensors", scale=100.0)``."""
+    with torch.inference_mode(False):
+        reward = load_clipscore(f"clipscore-{clip_model}", {"clip_model": clip_model, "scale": scale, **config},
+                                {"weights": weights})
+        reward.name = f"clipscore-{clip_model}"
+        return reward.to(device=device, dtype=dtype).freeze()

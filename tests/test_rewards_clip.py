@@ -142,6 +142,25 @@ def test_clip_score_matches_open_clip_forward(world, images, name):
     assert err < 1e-3
 
 
+def test_clip_score_for_any_model_name_and_no_clamp(world, images):
+    from rewardlab.rewards.clip_models import clip_score
+
+    path = world["folder"] + "/ViT-L-14-quickgelu-openai.safetensors"
+    reward = clip_score("ViT-B-32", path, scale=2.5, quick_gelu=True, overrides=TINY_CLIP["overrides"])
+    x = to_tensor(images[0]).requires_grad_(True)
+    cos = load(world, "tiny-clipscore-100")(x, "a cat") / 100
+    assert torch.allclose(reward(x, "a cat"), 2.5 * cos, atol=1e-5)
+    # A misaligned image keeps its (negative) score and its gradient: no max(cos, 0) in the path.
+    f = reward.image_features(x).detach()
+    g = torch.Generator().manual_seed(0)
+    away = F.normalize(-f + 0.5 * F.normalize(torch.randn(f.shape, generator=g), dim=-1), dim=-1)
+    reward.text_features = lambda prompts: away
+    s = reward(x, "a cat")
+    s.sum().backward()
+    assert s.item() == pytest.approx(2.5 * (f * away).sum().item(), abs=1e-5) and s.item() < -1.0
+    assert x.grad.abs().max() > 1e-4
+
+
 def test_batch_of_mixed_prompts_equals_one_by_one(world, images):
     reward = load(world, "tiny-hps-v2.1")
     batch = torch.cat([to_tensor(im.resize((200, 150))) for im in images[:3]])
