@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import Reward
+from .lazy_init import empty_module
 from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
 from .weights import RewardWeightsError, load_into, read_state_dict
 
@@ -137,7 +138,7 @@ def load_imagereward(path, vision=None, text=None, tokenizer=None, model_name="i
     Hugging Face cache."""
     state = published_state_dict(read_state_dict(path, model=model_name, layout=LAYOUT), model_name)
     tokenizer = tokenizer if tokenizer is not None else bert_tokenizer(os.path.dirname(path))
-    reward = build(vision, text, tokenizer)
+    reward = empty_module(lambda: build(vision, text, tokenizer))   # every weight is loaded next
     load_into(reward, state, model=model_name, path=path, layout=LAYOUT)
     return reward
 

@@ -5,7 +5,6 @@ The model is a transformers ``CLIPModel`` loaded from the published Hugging Face
 (yuvalkirstain/PickScore_v1). Preprocessing is the reference ``CLIPImageProcessor`` (shorter side to 224,
 bicubic, centre crop, OpenAI mean/std), made differentiable by ``Preprocess``.
 """
-import contextlib
 import gzip
 import json
 import os
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
+from .lazy_init import empty_module
 from .preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize
 from .weights import load_into, read_state_dict
 
@@ -150,8 +150,7 @@ def load_pickscore(path, config=None, model_name="pickscore"):
     weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     folder = os.path.dirname(weights)
     config = config or _config_json(folder) or PICKSCORE_V1_CONFIG
-    with _skip_weight_init():
-        clip = CLIPModel(_clip_config(config))
+    clip = empty_module(lambda: CLIPModel(_clip_config(config)))   # every weight is loaded next
     state = read_state_dict(weights, model=model_name, layout=LAYOUT)
     # position_ids are buffers the model rebuilds; older exports saved them, newer ones do not.
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
@@ -182,14 +181,3 @@ def _config_json(folder):
         config = json.load(f)
     return config if config.get("model_type") == "clip" else None
 
-
-def _skip_weight_init():
-    """Skip random initialisation when every weight is about to be overwritten (saves seconds on CLIP-H)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            return contextlib.nullcontext()
-    return no_init_weights()
