@@ -242,9 +242,9 @@ OOM_HINT = ("turn on checkpoint_steps and checkpoint_reward, lower the batch, us
             "to a small number of steps")
 
 
-def raise_oom(error, what):
+def raise_oom(error, what, hint=OOM_HINT):
     """Re-raise an out-of-memory error with the settings that reduce memory."""
-    raise RuntimeError(f"out of memory during {what}: {OOM_HINT}. ({str(error).splitlines()[0][:200]})") from error
+    raise RuntimeError(f"out of memory during {what}: {hint}. ({str(error).splitlines()[0][:200]})") from error
 
 
 def is_oom(error):

@@ -93,7 +93,8 @@ def _run(search, body, what):
         return search.result()
     except RuntimeError as e:
         if is_oom(e):
-            raise_oom(e, what)
+            raise_oom(e, what, "lower the batch or the image size (search keeps no gradients, so checkpointing "
+                               "does not help)")
         raise
 
 

@@ -114,3 +114,12 @@ def test_search_cancel_returns_best_so_far():
     res = noise_search("random", chain, TargetReward(), noise(), budget=100, callback=seen.append,
                        cancel=lambda: len(seen) >= 4)
     assert res.cancelled and len(res.history) == 4 and res.calls == 8
+
+
+def test_search_out_of_memory_is_a_clear_error():
+    class Hungry(RankReward):
+        def __call__(self, images, prompts=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(RuntimeError, match="lower the batch"):
+        noise_search("random", toy_chain("eps", steps=2), Hungry(), noise(), budget=4)
