@@ -1,0 +1,94 @@
+"""The ``rewardlab`` command line. One function per subcommand; each registers its own arguments.
+
+    rewardlab demo [--out DIR]     sample a grid of captions from the embedded tiny model and write PNGs
+"""
+import argparse
+from pathlib import Path
+
+DEMO_CAPTIONS = (
+    "a red circle on a blue background",
+    "a yellow square on a black background",
+    "a green triangle on a white background",
+    "a white cross on a red background",
+    "a blue circle on a yellow background",
+    "a black square on a green background",
+)
+
+
+def save_png(image_chw, path):
+    """Write one image (3, H, W) in [0, 1] as an 8-bit PNG."""
+    from PIL import Image
+    pixels = (image_chw.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(pixels).save(path)
+
+
+def image_grid(images, rows, pad=2):
+    """Tile (N, 3, H, W) images into one (3, H', W') image, ``rows`` rows, white padding between tiles."""
+    import torch
+    n, c, h, w = images.shape
+    cols = -(-n // rows)
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for k, image in enumerate(images):
+        r, q = divmod(k, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, top:top + h, left:left + w] = image
+    return grid
+
+
+def upscale(image_chw, factor):
+    """Nearest-neighbour enlargement so 32×32 samples are visible in an image viewer."""
+    return image_chw.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+
+
+def demo_sample(args):
+    """Stage 1 of the demo: a grid of samples from the embedded model, one row per caption."""
+    from .tiny.model import load_tiny
+    model = load_tiny()
+    captions = list(args.captions or DEMO_CAPTIONS)
+    prompts = [c for c in captions for _ in range(args.per_caption)]
+    images = model.generate(prompts, steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (prompt, image) in enumerate(zip(prompts, images)):
+        path = out / f"sample_{k:03d}.png"
+        save_png(upscale(image, args.scale), path)
+        written.append((path, prompt))
+    grid_path = out / "grid.png"
+    save_png(upscale(image_grid(images, rows=len(captions)), args.scale), grid_path)
+    (out / "captions.txt").write_text("".join(f"{p.name}\t{c}\n" for p, c in written))
+    print(f"wrote {len(written)} samples, {grid_path} (one row per caption) and {out / 'captions.txt'}")
+    return dict(images=images, prompts=prompts, grid=grid_path, files=[p for p, _ in written])
+
+
+def cmd_demo(args):
+    """``rewardlab demo``: the whole loop on the embedded model, no downloads."""
+    return demo_sample(args)
+
+
+def add_demo_parser(subparsers):
+    p = subparsers.add_parser("demo", help="sample a grid from the embedded tiny model and write PNGs")
+    p.add_argument("--out", default="./rewardlab_out/demo", help="output folder (created if missing)")
+    p.add_argument("--captions", nargs="+", help="captions to sample (default: a fixed set of six)")
+    p.add_argument("--per-caption", type=int, default=4, help="samples per caption (one grid row each)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="euler", help="step function: euler, ddim, euler_ancestral, dpmpp_2m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written PNGs")
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="rewardlab", description="RewardLab: reward alignment for diffusion "
+                                     "models (standalone tools; the ComfyUI nodes live in the same package).")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_demo_parser(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
