@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .base import Reward
 from .preprocess import Preprocess, from_open_clip
-from .weights import load_into, read_state_dict
+from .weights import load_into, read_state_dict, skip_init
 
 
 def build_open_clip(config):
@@ -137,7 +137,8 @@ def build_aesthetic(config):
 
 def load_aesthetic(name, config, files):
     """files: clip (open_clip state dict; only visual.* is used) and head (MLP or linear head state dict)."""
-    reward = build_aesthetic(config)
+    with skip_init():   # every parameter used is overwritten by the strict load below
+        reward = build_aesthetic(config)
     clip_state = read_state_dict(files["clip"], name, "open_clip CLIP state dict with visual.* keys")
     visual = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
     load_into(reward.visual, visual, name, files["clip"], f"visual.* keys of open_clip {config['clip_model']}")
@@ -165,7 +166,8 @@ def build_hps(config):
 
 def load_hps(name, config, files):
     """files: weights = the published {'state_dict': ...} .pt (fp16) or a safetensors conversion of it."""
-    reward = build_hps(config)
+    with skip_init():   # every parameter used is overwritten by the strict load below
+        reward = build_hps(config)
     path = files["weights"]
     load_into(reward.clip, read_state_dict(path, name, "{'state_dict': open_clip state dict}"), name, path,
               f"open_clip {config['clip_model']} state dict, optionally nested under 'state_dict'")
@@ -195,7 +197,8 @@ def build_clipscore(config):
 
 
 def load_clipscore(name, config, files):
-    reward = build_clipscore(config)
+    with skip_init():   # every parameter used is overwritten by the strict load below
+        reward = build_clipscore(config)
     path = files.get("weights") or files["clip"]
     load_into(reward.clip, read_state_dict(path, name, "open_clip state dict"), name, path,
               f"open_clip {config['clip_model']} state dict")

@@ -18,7 +18,7 @@ from rewardlab.rewards.base import Reward, normalize_prompts
 from rewardlab.rewards.ensemble import RewardEnsemble
 from rewardlab.rewards.losses import RENO_OFFSETS, RewardLoss, family, reward_loss, total_loss
 from rewardlab.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
-from rewardlab.rewards.weights import load_into, read_state_dict
+from rewardlab.rewards.weights import load_into, read_state_dict, skip_init
 
 
 def rand_images(b=2, h=40, w=56, seed=0):
@@ -297,6 +297,17 @@ def test_state_dict_unwrapping_and_clear_mismatch_errors(tmp_path):
     (tmp_path / "w.npz").write_bytes(b"x")
     with pytest.raises(RewardWeightsError, match="unsupported weight file"):
         read_state_dict(str(tmp_path / "w.npz"), "x")
+
+
+def test_skip_init_is_temporary_and_strict_loading_fills_every_parameter():
+    before = torch.nn.init.kaiming_uniform_
+    ref = torch.nn.Linear(4, 3)
+    with skip_init():
+        assert torch.nn.init.kaiming_uniform_ is not before
+        fast = torch.nn.Linear(4, 3)
+    assert torch.nn.init.kaiming_uniform_ is before
+    load_into(fast, ref.state_dict(), "m")
+    assert torch.equal(fast.weight, ref.weight) and torch.equal(fast.bias, ref.bias)
 
 
 # --- registry -------------------------------------------------------------------------------------------------------
