@@ -8,8 +8,10 @@ bicubic, centre crop, OpenAI mean/std), made differentiable by ``Preprocess``.
 import gzip
 import json
 import os
+from functools import partial
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .base import Reward
@@ -45,6 +47,17 @@ class PickScore(Reward):
         self.input_size = clip.config.vision_config.image_size
         self._text_cache = {}
         self.freeze()
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each vision layer during backward instead of storing its activations. transformers' own
+        checkpointing acts only in training mode, and a reward stays in eval mode, so the layers are wrapped here."""
+        self.grad_checkpointing = bool(enable)
+        for layer in self.clip.vision_model.encoder.layers:
+            if enable:
+                layer.forward = partial(_checkpointed, type(layer).forward.__get__(layer))
+            else:
+                layer.__dict__.pop("forward", None)
+        return self
 
     def preprocess(self, images):
         return clip_processor_transform(images, self.input_size)
@@ -94,6 +107,12 @@ def clip_processor_transform(images, size=224):
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top:top + size, left:left + size].clamp(0, 1)
     return normalize(x, OPENAI_MEAN, OPENAI_STD)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _pooled(features):

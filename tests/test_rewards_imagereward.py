@@ -225,3 +225,25 @@ def test_half_precision_weights_score_close_to_fp32(reward, images):
     half = copy.deepcopy(reward).to(torch.bfloat16)
     assert half.dtype == torch.bfloat16
     assert rel_err(half(x, PROMPTS[1]), reward(x, PROMPTS[1])) < 5e-2
+
+
+def test_grad_checkpointing_recomputes_the_vision_layers_with_identical_results(reward, images):
+    x = to_tensor(images[4])
+    layer_mlp = reward.blip.visual_encoder.blocks[0].mlp
+    calls = []
+    hook = layer_mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        results = []
+        for enable in (False, True):
+            calls.clear()
+            model = copy.deepcopy(reward).set_grad_checkpointing(enable)
+            xi = x.clone().requires_grad_(True)
+            score = model(xi, PROMPTS[4])
+            (grad,) = torch.autograd.grad(score.sum(), xi)
+            results.append((score, grad, len(calls)))
+    finally:
+        hook.remove()
+    (s0, g0, n0), (s1, g1, n1) = results
+    assert (n0, n1) == (1, 2)   # with checkpointing the layer runs again in backward
+    torch.testing.assert_close(s1, s0)
+    torch.testing.assert_close(g1, g0)
