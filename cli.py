@@ -84,6 +84,8 @@ def build_parser():
                                      "models (standalone tools; the ComfyUI nodes live in the same package).")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(subparsers)
+    from .batch.cli import add_run_subcommand  # rewardlab run: batch runs on a ComfyUI server
+    add_run_subcommand(subparsers)
     return parser
 
 

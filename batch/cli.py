@@ -24,8 +24,17 @@ def add_run_subcommand(subparsers):
     p = subparsers.add_parser("run", help="batch-run a saved ComfyUI workflow on a server (sweeps, resume)",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
-    p.set_defaults(func=run_main)
+    p.set_defaults(func=run_command)
     return p
+
+
+def run_command(args):
+    """``func`` of the subcommand: like run_main, but a failing status leaves the process with that exit code
+    (the ``rewardlab`` entry point discards return values)."""
+    code = run_main(args)
+    if code:
+        raise SystemExit(code)
+    return code
 
 
 def add_run_arguments(p):

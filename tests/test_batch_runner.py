@@ -183,3 +183,18 @@ def test_progress_bar_follows_runs_and_node_steps(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "[" + "#" * 24 + "] 2/2 runs" in err        # the bar fills as runs finish
     assert "node 3 4/4" in err                          # websocket 'progress' of the sampler node
+
+
+def test_rewardlab_run_subcommand_exit_status(tmp_path, capsys):
+    """``rewardlab run`` (the console script's subcommand) exits non-zero when a run fails."""
+    from rewardlab import cli as rewardlab_cli
+
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(txt2img_api()))
+    with ThreadedServer() as srv:
+        base = ["run", str(wf), "--server", srv.url, "--out", str(tmp_path / "out"), "--no-progress", "--poll", "0.3"]
+        assert rewardlab_cli.main(base + ["--set", "3.seed=[1, 2]"]) == 0
+        with pytest.raises(SystemExit) as exc:
+            rewardlab_cli.main(base + ["--set", "3.seed=-1"])
+    assert exc.value.code == 1
+    assert "Value -1 smaller than min of 0 [seed]" in capsys.readouterr().err
