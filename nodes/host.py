@@ -164,3 +164,13 @@ def prompt_server_routes():
     server = _optional("server") if in_comfyui() else None
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     return getattr(instance, "routes", None)
+
+
+def prepare_noise(samples, seed):
+    """The initial noise stock RandomNoise(seed) / KSampler give for a latent tensor (CPU), or plain torch.randn
+    from a seeded generator outside ComfyUI."""
+    sample = _optional("comfy.sample")
+    if sample is not None:
+        return sample.prepare_noise(samples, seed)
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(samples.shape, generator=g, dtype=torch.float32)
