@@ -54,6 +54,7 @@ def add_run_arguments(p):
     p.add_argument("--out", default="rewardlab_batch", help="output folder: images, manifest.jsonl, report")
     p.add_argument("--score", metavar="REWARD", help="rank the output images with this reward model (e.g. "
                    "brightness, aesthetic-v2) and write report.html")
+    p.add_argument("--reward-folder", help="folder with reward weights for --score (also $REWARDLAB_MODELS)")
     p.add_argument("--retries", type=int, default=10, help="tries per request while the server is down")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default: no limit)")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between /history checks (websocket backup)")
@@ -106,7 +107,7 @@ def _run(args):
     if args.score:
         from .report import score_records, write_report
 
-        scored = score_records(records, runner.out_dir, args.score)
+        scored = score_records(records, runner.out_dir, args.score, folder=args.reward_folder)
         path = write_report(runner.out_dir, scored, args.score)
         if scored:
             print(f"best {args.score} = {scored[0]['score']:.4f}: {scored[0]['path']} {json.dumps(scored[0]['params'])}")

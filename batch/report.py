@@ -33,16 +33,17 @@ def load_image_bchw(path):
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
-def score_records(records, out_dir, reward):
+def score_records(records, out_dir, reward, folder=None):
     """[{key, path, params, prompt, score}] for every image output of the successful records.
     ``reward``: a reward model name (loaded with rewards.load_reward) or an object with
-    ``forward(images_bchw01, prompts) -> Tensor[B]``."""
+    ``forward(images_bchw01, prompts) -> Tensor[B]``; ``folder``: where to look for its weights (besides
+    $REWARDLAB_MODELS)."""
     import torch
 
     if isinstance(reward, str):
         from ..rewards import load_reward
 
-        reward = load_reward(reward, device="cpu")
+        reward = load_reward(reward, device="cpu", folder=folder)
     items = []
     for rec in records:
         if rec.get("status") != "success":
