@@ -246,7 +246,7 @@ class RunnerSampler:
         x = ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
         # KSamplerX0Inpaint applies a LATENT's noise_mask exactly as stock samplers do; without a mask it is a
         # plain pass-through to the guider (which returns the CFG-combined x̂0).
-        denoiser = samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        denoiser = samplers.KSamplerX0Inpaint(_PinnedGuider(model_wrap), sigmas)
         denoiser.latent_image, denoiser.noise = latent_image, noise
         extra = dict(extra_args, denoise_mask=denoise_mask)
         seed = self.seed if self.seed is not None else extra_args.get("seed")
@@ -267,6 +267,37 @@ class RunnerSampler:
             host.throw_if_interrupted()       # surface as ComfyUI's "execution_interrupted" when that was the cause
             raise
         return ms.inverse_noise_scaling(sigmas[-1], self.last.x)
+
+
+_MISSING = object()
+
+
+class _PinnedGuider:
+    """Calls a guider; after sampling has finished, re-enters its sampling state first.
+
+    With ``Policy(checkpoint=True)`` the denoiser calls are recomputed during backward, i.e. after
+    ``CFGGuider.sample`` has deleted ``inner_model``/``conds`` and run ``model_patcher.cleanup()``. For such a
+    late call this proxy makes sure the same patcher is loaded (so its weight wrappers are the live ones), puts the
+    processed conds back, runs ``pre_run`` and afterwards ``cleanup`` again. Any guider subclass (custom guidance)
+    therefore recomputes exactly what it computed while sampling.
+    """
+
+    def __init__(self, guider):
+        self.guider, self.inner_model, self.conds = guider, guider.inner_model, guider.conds
+
+    def __call__(self, *args, **kwargs):
+        g = self.guider
+        if "inner_model" in g.__dict__:          # during sampling: a plain call
+            return g(*args, **kwargs)
+        mp = g.model_patcher
+        _comfy("comfy.model_management").load_models_gpu([mp])
+        g.inner_model, g.conds = self.inner_model, self.conds
+        mp.pre_run()
+        try:
+            return g(*args, **kwargs)
+        finally:
+            mp.cleanup()
+            del g.inner_model, g.conds
 
 
 _RUNNER_SAMPLER_CLASS = None

@@ -45,8 +45,8 @@ def test_runner_sampler_matches_stock_ksampler(comfy, unet, conds, name):
 
 def test_trajectory_equals_stock_sampler_and_returns_x0(comfy, unet, conds):
     ref = _stock_ksampler(comfy, unet, conds, "euler")
-    import comfy.sample
-    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), SEED)
+    from comfy.sample import prepare_noise
+    noise = prepare_noise(torch.zeros(1, 4, 8, 8), SEED)
     sigmas = hs.calculate_sigmas(unet, "normal", STEPS)
     with torch.inference_mode():
         x, x0 = hs.trajectory(unet, conds[0], conds[1], CFG, sigmas, noise, _zeros(), seed=SEED, return_denoised=True)
