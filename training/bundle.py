@@ -1,20 +1,21 @@
 """Model bundles: what the DRaFT trainer needs from a host, and nothing more.
 
-A bundle knows how to turn prompts into conditioning, run one trajectory through the core runner with CFG,
-decode the final latent into images in [0, 1], and where to put LoRA adapters. The trainer never touches a
+A bundle knows how to turn prompts into a guided denoiser (CFG inside), decode latents into images in [0, 1],
+which sigma schedule to use, and where to put LoRA adapters. The trainer runs every trajectory itself through the
+core runner (``samplers.sample``). The trainer never touches a
 UNet, a VAE or a text encoder directly, so the same loop runs on the embedded tiny model, a diffusers model
 directory and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
 """
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..samplers import CFGDenoiser, sample, sigma_schedule
+from ..samplers import CFGDenoiser, sigma_schedule
 from . import lora as lora_mod
 
 
 class ModelBundle:
-    """Base class. Subclasses set ``latent_shape`` (C, H, W), ``flow``, ``device`` and implement ``encode``,
-    ``denoiser`` (or override ``trajectory``), ``decode`` and ``add_lora``."""
+    """Base class. Subclasses set ``latent_shape`` (C, H, W), ``flow``, ``device`` and implement ``sigmas``,
+    ``encode`` + ``denoiser`` (or override ``session``), ``decode`` and ``add_lora``."""
 
     flow = False
     device = torch.device("cpu")
@@ -31,6 +32,14 @@ class ModelBundle:
         """A denoiser ``model(x, sigma) -> x̂0`` with classifier-free guidance at scale ``cfg`` inside it."""
         raise NotImplementedError
 
+    def session(self, prompts, cfg, fn):
+        """Run ``fn(denoiser)`` with the guided denoiser for ``prompts`` and return its result.
+
+        Everything that may call the denoiser happens inside ``fn``: the trajectories *and* the backward pass,
+        whose checkpoint recomputation calls the denoiser again. A host whose model call is only valid inside a
+        scope (ComfyUI's guider.sample) overrides this method to run ``fn`` inside that scope."""
+        return fn(self.denoiser(self.encode(prompts), cfg))
+
     def decode(self, x):
         """Latents -> images (B, 3, H, W) in [0, 1], differentiable."""
         raise NotImplementedError
@@ -38,13 +47,6 @@ class ModelBundle:
     def add_lora(self, rank, alpha, targets):
         """Attach trainable LoRA adapters; returns {module name: training.lora.LoRA}."""
         raise NotImplementedError
-
-    def trajectory(self, conds, x, sigmas, policy, step="euler", cfg=1.0, wrap=None, generator=None, cancel=None):
-        """One run of the core runner from x (already at sigmas[0]). ``wrap`` decorates the guided denoiser
-        (the trainer uses it for checkpointing and the DRaFT+ penalty)."""
-        model = self.denoiser(conds, cfg)
-        model = wrap(model) if wrap is not None else model
-        return sample(model, x, sigmas, step=step, policy=policy, generator=generator, cancel=cancel, flow=self.flow)
 
 
 class TorchBundle(ModelBundle):
@@ -114,11 +116,12 @@ def _batch_of(conds):
 
 def tiny_bundle(model=None, device="cpu"):
     """The embedded tiny pixel-space model (``rewardlab.tiny``) as a bundle."""
-    from ..tiny import load_tiny
-
-    m = model if model is not None else load_tiny()
+    if model is None:
+        from ..tiny.model import load_tiny
+        model = load_tiny(device=device)
+    m = model
     denoiser = m.denoiser.to(device)
-    shape = (m.unet.config.in_channels, m.image_size, m.image_size)
+    shape = (3, m.image_size, m.image_size)          # pixel space: the "latent" is the RGB image in [-1, 1]
     return TorchBundle(denoiser, m.encode, m.decode, shape, model_sigmas=m.model_sigmas, lora_root=m.unet,
                        device=device)
 

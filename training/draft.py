@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..samplers import Cancelled, Policy, noise_scaling
+from ..samplers import Cancelled, Policy, noise_scaling, sample
 from . import checkpoints as ckpt
 from .lora import ATTENTION_TARGETS, load_lora_state_dict, lora_parameters, lora_state_dict
 
@@ -267,49 +267,65 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _run(self, conds, x, sigmas, policy, plan, wrap):
-        return self.bundle.trajectory(conds, x, sigmas, policy, step=self.cfg.sampler, cfg=self.cfg.cfg, wrap=wrap,
-                                      generator=torch.Generator().manual_seed(plan.seed), cancel=self.cancel)
+    def _run(self, den, x, sigmas, policy, plan, wrap):
+        model = wrap(den) if wrap is not None else den
+        return sample(model, x, sigmas, step=self.cfg.sampler, policy=policy, flow=self.bundle.flow,
+                      generator=torch.Generator().manual_seed(plan.seed), cancel=self.cancel)
 
-    def images_and_rewards(self, plan, penalties=None):
-        """Sample ``plan`` with the method's gradient policy; (images, rewards) with the graph attached."""
+    def images_and_rewards(self, plan, den, penalties=None):
+        """Sample ``plan`` with the method's gradient policy through the guided denoiser ``den``;
+        returns (images, rewards) with the graph attached."""
         c, b = self.cfg, self.bundle
         penalties = [] if penalties is None else penalties
         wrap = self._wrap(penalties)
-        conds = b.encode(plan.prompts)
         sig = self.sigmas.to(b.device)
         x = noise_scaling(sig[0], plan.noise.to(b.device), flow=b.flow)
         with self._autocast():
             if c.method == "draft_lv":
                 with torch.no_grad():
-                    x0 = self._run(conds, x, sig, Policy.none(), plan, None).x
+                    x0 = self._run(den, x, sig, Policy.none(), plan, None).x
                 last = torch.stack([sig[-2], sig[-1]])
                 images, rewards = [], []
                 for eps in plan.lv_noise:
                     x1 = noise_scaling(last[0], eps.to(b.device), x0, flow=b.flow, max_denoise=False)
-                    img = b.decode(self._run(conds, x1, last, Policy.all(), plan, wrap).x)
+                    img = b.decode(self._run(den, x1, last, Policy.all(), plan, wrap).x)
                     images.append(img)
                     rewards.append(self.reward(img, plan.prompts))
                 return torch.cat(images), torch.stack(rewards).mean(0)
             if c.method == "refl":
-                traj = self._run(conds, x, sig[: plan.m + 2], Policy.last(1), plan, wrap)
+                traj = self._run(den, x, sig[: plan.m + 2], Policy.last(1), plan, wrap)
                 img = b.decode(traj.denoised)
             else:
-                img = b.decode(self._run(conds, x, sig, self.policy(plan), plan, wrap).x)
+                img = b.decode(self._run(den, x, sig, self.policy(plan), plan, wrap).x)
             return img, self.reward(img, plan.prompts)
 
-    def loss(self, plan):
-        """(loss, info) for one micro-batch; the loss carries the graph to the LoRA parameters."""
+    def _loss(self, plan, den):
         penalties = []
-        images, r = self.images_and_rewards(plan, penalties)
+        images, r = self.images_and_rewards(plan, den, penalties)
         r = r.float()
         loss = torch.relu(self.cfg.reward_cap - r).mean() if self.cfg.reward_cap is not None else -r.mean()
         kl = torch.stack(penalties).mean() if penalties else None
         if kl is not None:
             loss = loss + self.cfg.kl_weight * kl
         info = {"reward": float(r.detach().mean()), "kl": float(kl.detach()) if kl is not None else None,
-                "images": images.detach()}
+                "images": images.detach(), "k": plan.k, "m": plan.m}
         return loss, info
+
+    def loss(self, plan):
+        """(loss, info) for one micro-batch; the loss carries the graph to the LoRA parameters. Only for hosts
+        whose denoiser outlives the session (torch bundles); training uses ``micro_step``."""
+        return self.bundle.session(plan.prompts, self.cfg.cfg, lambda den: self._loss(plan, den))
+
+    def micro_step(self, plan, scale=1.0):
+        """Loss and backward of one micro-batch inside one bundle session. Returns its info (loss as a float;
+        a non-finite loss skips the backward)."""
+        def body(den):
+            loss, info = self._loss(plan, den)
+            info["loss"] = float(loss.detach())
+            if math.isfinite(info["loss"]):
+                self._backward(loss * scale)
+            return info
+        return self.bundle.session(plan.prompts, self.cfg.cfg, body)
 
     # --- one optimiser step ------------------------------------------------------------------------------------
 
@@ -337,15 +353,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         infos, bad = [], False
         for micro in range(c.grad_accum):
-            plan = self.plan(self.step, micro)
-            loss, info = self.loss(plan)
-            info["loss"] = float(loss.detach())
-            info.update(k=plan.k, m=plan.m)
+            info = self.micro_step(self.plan(self.step, micro), 1.0 / c.grad_accum)
             if not math.isfinite(info["loss"]):
                 bad = True
                 break
-            self._backward(loss / c.grad_accum)
-            del loss
             infos.append(info)
         bad = self._sync(bad)
         if bad:
@@ -377,15 +388,15 @@ class Trainer:
         c, b = self.cfg, self.bundle
         ctx = lora_scale(self.adapters, scale) if scale is not None else contextlib.nullcontext()
         images, rewards = [], []
+        sig = self.sigmas.to(b.device)
         with ctx, self._autocast():
             for start in range(0, len(prompts), c.batch_size):
                 chunk = list(prompts[start: start + c.batch_size])
-                g = _generator(seed, "eval", start)
-                noise = torch.randn((len(chunk), *b.latent_shape), generator=g)
-                sig = self.sigmas.to(b.device)
+                noise = torch.randn((len(chunk), *b.latent_shape), generator=_generator(seed, "eval", start))
                 x = noise_scaling(sig[0], noise.to(b.device), flow=b.flow)
-                traj = b.trajectory(b.encode(chunk), x, sig, Policy.none(), step=c.sampler, cfg=c.cfg,
-                                    generator=torch.Generator().manual_seed(derive_seed(seed, "anc", start)))
+                anc = torch.Generator().manual_seed(derive_seed(seed, "anc", start))
+                traj = b.session(chunk, c.cfg, lambda den: sample(den, x, sig, step=c.sampler, flow=b.flow,
+                                                                  policy=Policy.none(), generator=anc))
                 img = b.decode(traj.x).float()
                 images.append(img.cpu())
                 rewards.append(self.reward(img, chunk).float().cpu())
