@@ -16,24 +16,31 @@ Prints one JSON object per (model, dtype) line.
 """
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _hf_rewards as hf   # PickScore and ImageReward (transformers/timm models and their references)
+
 TINY = {"clip_model": "ViT-B-32", "quick_gelu": True, "overrides": dict(
     embed_dim=16, vision_cfg={"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
     text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2})}
 FULL = {"aesthetic": {"clip_model": "ViT-L-14-quickgelu", "head": "mlp"}, "hps": {"clip_model": "ViT-H-14"},
-        "clipscore": {"clip_model": "ViT-H-14", "scale": "logit_scale"}}
+        "clipscore": {"clip_model": "ViT-H-14", "scale": "logit_scale"}, **hf.FULL}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(kind, config):
     from rewardlab.rewards import clip_models
 
+    if kind in hf.KINDS:
+        return hf.build(kind, config)
     torch.manual_seed(0)
     return {"aesthetic": clip_models.build_aesthetic, "hps": clip_models.build_hps,
             "clipscore": clip_models.build_clipscore}[kind](config).freeze()
@@ -44,6 +51,8 @@ def reference_parts(kind, reward):
     import open_clip
     import torchvision.transforms as T
 
+    if kind in hf.KINDS:
+        return hf.reference_parts(kind, reward)
     model = reward.clip if kind != "aesthetic" else None
     mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     if kind == "hps":   # HPSv2: ToTensor -> ResizeMaxSize(224) -> Normalize
@@ -65,6 +74,8 @@ def reference_parts(kind, reward):
 
 def reference_score(kind, reward, x_model, tokens):
     """The reference forward: open_clip encode_image / encode_text + the published head or formula."""
+    if kind in hf.KINDS:   # ``tokens`` are the prompts: these references tokenise with the published call
+        return hf.reference_score(kind, reward, x_model, tokens)
     if kind == "aesthetic":
         return reward.head(F.normalize(reward.visual(x_model).float(), dim=-1).to(reward.head_dtype)).squeeze(-1)
     clip = reward.clip
@@ -109,7 +120,7 @@ def bench(kind, config, dtype_name, device, batch, size, reps):
     pils = [Image.fromarray((xi.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for xi in x]
     x = torch.stack([torch.from_numpy(np.array(p)) for p in pils]).permute(0, 3, 1, 2).float().div(255).to(device)
     prompts = [f"a photo of object number {i}" for i in range(batch)] if reward.needs_text else None
-    tokens = reward.tokenizer(prompts).to(device) if reward.needs_text else None
+    tokens = prompts if kind in hf.KINDS else reward.tokenizer(prompts).to(device) if reward.needs_text else None
 
     def ours_fwd():
         with torch.no_grad():
@@ -150,7 +161,7 @@ def bench(kind, config, dtype_name, device, batch, size, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny open_clip configs (CPU-friendly)")
-    ap.add_argument("--models", default="aesthetic,hps,clipscore")
+    ap.add_argument("--models", default="aesthetic,hps,clipscore,pickscore,imagereward")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,fp16,bf16 (default: all on GPU, fp32 on CPU)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=512, help="input image side (SD-like outputs)")
@@ -161,6 +172,7 @@ def main():
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "fp16", "bf16"] if device.type == "cuda" else ["fp32"])
     for kind in args.models.split(","):
         config = dict(TINY, **({"head": "mlp"} if kind == "aesthetic" else {})) if args.tiny else FULL[kind]
+        config = hf.TINY[kind] if args.tiny and kind in hf.KINDS else config
         for dt in dtypes:
             print(json.dumps(bench(kind, config, dt, device, args.batch, args.size, args.reps)), flush=True)
 
