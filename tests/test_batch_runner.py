@@ -49,7 +49,8 @@ def check_complete(records, out):
 
 def test_concurrency_is_bounded(tmp_path):
     for limit in (1, 3):
-        srv, records = run(batch({}, seed_runs("1..8"), str(tmp_path / str(limit)), concurrency=limit))
+        srv, records = run(batch({"step_delay": 0.01}, seed_runs("1..8"), str(tmp_path / str(limit)),
+                                 concurrency=limit))
         assert srv.max_in_flight == limit  # reached, never exceeded
         assert len(srv.executed) == 8
         check_complete(records, str(tmp_path / str(limit)))
@@ -73,7 +74,8 @@ def test_manifest_complete_and_resume_skips_finished(tmp_path):
 
 def test_restart_and_websocket_drops_lose_nothing(tmp_path):
     out, logs = str(tmp_path), []
-    srv, records = run(batch({"restart_after": 3, "drop_ws_every": 5}, seed_runs("1..6"), out, logs=logs))
+    srv, records = run(batch({"restart_after": 3, "drop_ws_every": 5, "step_delay": 0.01}, seed_runs("1..6"), out,
+                             logs=logs))
     assert srv.restarts == 1 and srv.ws_drops >= 1
     check_complete(records, out)
     assert sorted(r["params"]["3.seed"] for r in records) == [1, 2, 3, 4, 5, 6]
