@@ -11,7 +11,6 @@ is affine. The module tree mirrors the published checkpoint (``blip.visual_encod
 import os
 from functools import partial
 
-import torch
 from torch import nn
 
 from .base import Reward

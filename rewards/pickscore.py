@@ -3,7 +3,7 @@
 score = logit_scale.exp() * cos(image embedding, text embedding); typically about 20-23 (docs/rewards.md §4).
 The model is a transformers ``CLIPModel`` loaded from the published Hugging Face ``model.safetensors``
 (yuvalkirstain/PickScore_v1). Preprocessing is the reference ``CLIPImageProcessor`` (shorter side to 224,
-bicubic, centre crop, OpenAI mean/std), made differentiable by ``Preprocess``.
+bicubic, centre crop, OpenAI mean/std), made differentiable (``clip_processor_transform``).
 """
 import gzip
 import json
@@ -11,8 +11,8 @@ import os
 from functools import partial
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .base import Reward
 from .lazy_init import empty_module

@@ -1,6 +1,7 @@
 """ImageReward against a reference assembly of timm/transformers modules that follows the published forward
 (ImageReward.py: visual_encoder -> text_encoder(ids, mask, image tokens) -> CLS -> MLP -> standardise)."""
 import copy
+import dataclasses
 import os
 import sys
 from functools import partial
@@ -12,7 +13,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor
 from rewardlab.rewards import imagereward
-from rewardlab.rewards.registry import RewardSpec, WeightFile, build_reward, register
+from rewardlab.rewards import registry
 from rewardlab.rewards.weights import RewardWeightsError
 
 # The published numbers, typed from ImageReward.py / med_config.json rather than imported from the module.
@@ -171,13 +172,18 @@ def test_text_encoder_is_bidirectional_and_ignores_padding(reward, images):
     torch.testing.assert_close(shorter(x, "a photo of a cat"), reward(x, "a photo of a cat"), rtol=1e-5, atol=1e-5)
 
 
-def test_registry_loader_finds_the_tokenizer_next_to_the_weights(weights_file, reference, tokenizer, images):
-    register(RewardSpec("imagereward-tiny-test", "imagereward:load", {"vision": VISION, "text": text_config(tokenizer)},
-                        (WeightFile("weights", ("ImageReward.pt",)),)))
-    loaded = build_reward("imagereward-tiny-test", {"weights": str(weights_file)})
-    x = to_tensor(images[3])
-    assert loaded.name == "imagereward-tiny-test" and loaded.needs_text
-    torch.testing.assert_close(loaded(x, PROMPTS[3]), reference(tensor_pixels(x), PROMPTS[3]), rtol=1e-4, atol=1e-5)
+def test_registry_entry_finds_the_tokenizer_next_to_the_weights(weights_file, reference, tokenizer, images):
+    """The real 'imagereward' entry (tiny config): ImageReward.pt found in the reward folder, vocab.txt beside it."""
+    registry.register(dataclasses.replace(registry.get_spec("imagereward"), name="imagereward-tiny-test",
+                                          config={"vision": VISION, "text": text_config(tokenizer)}))
+    try:
+        loaded = registry.load_reward("imagereward-tiny-test", "cpu", folder=str(weights_file.parent))
+        x = to_tensor(images[3])
+        assert loaded.name == "imagereward-tiny-test" and loaded.needs_text
+        torch.testing.assert_close(loaded(x, PROMPTS[3]), reference(tensor_pixels(x), PROMPTS[3]), rtol=1e-4, atol=1e-5)
+    finally:
+        registry.unload("imagereward-tiny-test")
+        registry._SPECS.pop("imagereward-tiny-test", None)
 
 
 def test_mismatched_or_unsafe_files_give_clear_errors(tmp_path, reference, tokenizer):

@@ -1,5 +1,6 @@
 """PickScore against the reference pipeline (transformers CLIPModel + CLIPImageProcessor) on identical tiny weights."""
 import copy
+import dataclasses
 import os
 import sys
 
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor
 from rewardlab.rewards import pickscore
-from rewardlab.rewards.registry import RewardSpec, WeightFile, build_reward, register
+from rewardlab.rewards import registry
 from rewardlab.rewards.weights import RewardWeightsError
 
 # A CLIP with the PickScore layout (224 px, patch 14, full CLIP vocabulary) but 32 wide and 2 layers deep.
@@ -141,19 +142,23 @@ def test_load_from_published_folder_layout(tmp_path, reference, tokenizer, image
     torch.testing.assert_close(loaded(x, PROMPTS[:3]), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_registry_loader_reads_a_bare_weight_file(tmp_path, reference, images):
-    """Only the weights file (old exports also hold position_ids); config from the registry entry, tokenizer from
-    open_clip's vocabulary."""
+def test_registry_entry_loads_a_bare_weight_file(tmp_path, reference, images):
+    """The real 'pickscore' entry (tiny config): only the weights file in a reward folder (old exports also hold
+    position_ids); config from the entry, tokenizer from open_clip's vocabulary."""
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
     state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(state, str(tmp_path / "PickScore_v1.safetensors"))
-    register(RewardSpec("pickscore-tiny-test", "pickscore:load", {"clip_config": TINY},
-                        (WeightFile("weights", ("PickScore_v1.safetensors",)),)))
-    loaded = build_reward("pickscore-tiny-test", {"weights": str(tmp_path / "PickScore_v1.safetensors")})
-    x = to_tensor(images[1])
-    ref = reference_scores(reference, loaded.preprocess(x), [PROMPTS[1]])
-    assert loaded.name == "pickscore-tiny-test"
-    torch.testing.assert_close(loaded(x, PROMPTS[1]), ref, rtol=1e-5, atol=1e-5)
+    registry.register(dataclasses.replace(registry.get_spec("pickscore"), name="pickscore-tiny-test",
+                                          config={"clip_config": TINY}))
+    try:
+        loaded = registry.load_reward("pickscore-tiny-test", "cpu", folder=str(tmp_path))
+        x = to_tensor(images[1])
+        ref = reference_scores(reference, loaded.preprocess(x), [PROMPTS[1]])
+        assert loaded.name == "pickscore-tiny-test" and not any(p.requires_grad for p in loaded.parameters())
+        torch.testing.assert_close(loaded(x, PROMPTS[1]), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        registry.unload("pickscore-tiny-test")
+        registry._SPECS.pop("pickscore-tiny-test", None)
 
 
 def test_mismatched_files_give_a_clear_error(tmp_path, reference):
