@@ -200,3 +200,25 @@ def test_rewardlab_run_subcommand_exit_status(tmp_path, capsys):
             rewardlab_cli.main(base + ["--set", "3.seed=-1"])
     assert exc.value.code == 1
     assert "Value -1 smaller than min of 0 [seed]" in capsys.readouterr().err
+
+
+def test_cli_runs_an_editor_workflow(tmp_path):
+    """An editor-format file is converted with the server's /object_info, then swept by title."""
+    from rewardlab.batch.validate import PACK_ROOT
+
+    editor = os.path.join(PACK_ROOT, "example_workflows", "score_and_rank.json")
+    out = tmp_path / "out"
+    with ThreadedServer() as srv:
+        code = cli.main([editor, "--server", srv.url, "--set", "Load Checkpoint.ckpt_name=tiny.safetensors",
+                         "--set", "KSampler.seed=3..4", "--out", str(out), "--no-progress", "--poll", "0.3"])
+        submitted = [h["prompt"][2] for h in srv.history.values()]
+    assert code == 0
+
+    def inputs_of(prompt, class_type, title=None):
+        return next(n["inputs"] for n in prompt.values() if n["class_type"] == class_type
+                    and (title is None or n["_meta"]["title"] == title))
+
+    assert sorted(inputs_of(p, "KSampler")["seed"] for p in submitted) == [3, 4]
+    for p in submitted:  # the PrimitiveNode's prompt reached both the text encoder and the ranking node
+        assert inputs_of(p, "RewardLabRankImages")["prompts"] == inputs_of(p, "CLIPTextEncode", "Positive")["text"]
+    assert len(Manifest(str(out)).load()) == 2
