@@ -233,7 +233,7 @@ def patch_model(model, spec, use_sampler_cfg=False):
 
 
 def schedule_values(model, sigmas, schedule):
-    """(weights per step, σ per step) of a schedule for a MODEL + SIGMAS, as a run would see them."""
+    """(weights per step, σ in EDM units per step) of a schedule for a MODEL + SIGMAS, as a run would see them."""
     ms = model.get_model_object("model_sampling")
     info = RunInfo(sigmas.detach().float().cpu(), model_kind(ms), model_progress(ms))
-    return schedule.values(info), info.sigmas[:-1]
+    return schedule.values(info), [c.sigma_edm for c in info.contexts()]

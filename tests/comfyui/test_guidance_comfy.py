@@ -143,6 +143,16 @@ def test_patched_model_interval_skips_uncond_under_ksampler(comfy, unet, conds):
     assert counts == {0: STEPS, 1: inside}
 
 
+def test_patched_model_adaptive_guidance_state_is_per_run(comfy, unet, conds):
+    counted, counts = counting(unet)
+    with torch.inference_mode():
+        patched = gn.RewardLabApplyGuidanceSchedule().patch(
+            counted, **combiner_kw(adaptive_guidance=True, adaptive_threshold=0.0))[0]
+        for seed in (SEED, SEED):
+            comfy.KSampler().sample(patched, seed, STEPS, CFG, "euler", "normal", conds[0], conds[1], _zeros())
+    assert counts == {0: 2 * STEPS, 1: 2}              # each KSampler run latches after its own first comparison
+
+
 def test_cads_guider_changes_the_sample_reproducibly(comfy, unet, conds):
     sigmas = sigmas_of(unet)
     base = scheduled(unet, conds)
