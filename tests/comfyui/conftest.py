@@ -169,8 +169,8 @@ def _get(url, timeout=5):
 
 
 class ComfyServer:
-    def __init__(self, url, proc, log_path):
-        self.url, self.proc, self.log_path = url, proc, log_path
+    def __init__(self, url, proc, log_path, output_dir):
+        self.url, self.proc, self.log_path, self.output_dir = url, proc, log_path, output_dir
 
     def log(self):
         return Path(self.log_path).read_text(errors="replace")
@@ -186,13 +186,25 @@ class ComfyServer:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 
+    def run_prompt(self, prompt, timeout=300):
+        """POST an API-format prompt and wait for its history entry; returns that entry."""
+        pid = self.post_json("/prompt", {"prompt": prompt, "client_id": "rewardlab-tests"})["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get_json(f"/history/{pid}").get(pid)    # written once the prompt has finished
+            if entry:
+                return entry
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {pid} did not finish within {timeout} s:\n{self.log()[-3000:]}")
+
 
 @pytest.fixture(scope="session")
 def server(model_files, tmp_path_factory):
     """`main.py --cpu` on a free loopback port, with this repo symlinked into a custom_nodes dir given by an
     extra_model_paths yaml (plus the fixture model folders). Stopped at session end."""
     root = tmp_path_factory.mktemp("comfy_server")
-    (root / "custom_nodes").mkdir()
+    for sub in ("custom_nodes", "user", "input", "output"):
+        (root / sub).mkdir()
     os.symlink(REPO, root / "custom_nodes" / "rewardlab")
     yaml = root / "extra_model_paths.yaml"
     yaml.write_text(f"rewardlab_test:\n  base_path: {model_files}\n  diffusion_models: diffusion_models\n"
@@ -207,7 +219,7 @@ def server(model_files, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = ComfyServer(f"http://127.0.0.1:{port}", proc, log_path)
+    srv = ComfyServer(f"http://127.0.0.1:{port}", proc, log_path, root / "output")
     try:
         deadline = time.monotonic() + 180
         while True:
