@@ -30,8 +30,9 @@ TEXT_CONFIG = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12,
                "pad_token_id": 0}
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)
 HEAD_DROPOUT = (0.2, 0.2, 0.1)   # dropout after the first three Linear layers (inactive: rewards run in eval mode)
-# Tensors of the published checkpoint that scoring does not use: BLIP's contrastive projections, and a buffer.
-UNUSED_KEYS = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
+# The parts of the published checkpoint that scoring uses. It also holds BLIP's contrastive projections
+# (blip.vision_proj, blip.text_proj) and, from older transformers, the position_ids buffer: both are dropped.
+USED_PREFIXES = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.layers.")
 LAYOUT = ("flat state dict of ImageReward.pt (THUDM/ImageReward): blip.visual_encoder.* (BLIP ViT-L/16, timm names), "
           "blip.text_encoder.* (BLIP med.py BERT with crossattention), mlp.layers.{0,2,4,6,7}.{weight,bias}")
 TOKENIZER_HELP = ("ImageReward needs the bert-base-uncased tokenizer: put its vocab.txt (huggingface.co/google-bert/"
@@ -123,12 +124,13 @@ def build(vision=None, text=None, tokenizer=None, max_length=MAX_PROMPT_TOKENS):
 # --- weights and tokenizer -----------------------------------------------------------------------------------------
 
 def published_state_dict(state, model_name="imagereward"):
-    """The tensors of a published ImageReward state dict that the reward uses (drops BLIP's unused projections)."""
-    if not any(k.startswith("blip.visual_encoder.") for k in state) or not any(k.startswith("mlp.layers.") for k in state):
+    """The tensors of a published ImageReward state dict that the reward uses; within those parts, the strict
+    check of ``load_into`` still reports every missing, unexpected or misshapen tensor."""
+    if not all(any(k.startswith(prefix) for k in state) for prefix in USED_PREFIXES):
         raise RewardWeightsError(
-            f"{model_name}: this file is not an ImageReward checkpoint: no 'blip.visual_encoder.*' or 'mlp.layers.*' "
-            f"keys (found e.g. {list(state)[:4]}). Expected layout: {LAYOUT}.")
-    return {k: v for k, v in state.items() if not k.startswith(UNUSED_KEYS)}
+            f"{model_name}: this file is not an ImageReward checkpoint: it lacks some of the 'blip.visual_encoder.*', "
+            f"'blip.text_encoder.*', 'mlp.layers.*' keys (found e.g. {list(state)[:4]}). Expected layout: {LAYOUT}.")
+    return {k: v for k, v in state.items() if k.startswith(USED_PREFIXES) and not k.endswith("position_ids")}
 
 
 def load_imagereward(path, vision=None, text=None, tokenizer=None, model_name="imagereward"):
