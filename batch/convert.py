@@ -152,11 +152,23 @@ _COMMENTS = re.compile(r"/\*[\s\S]*?\*/|//.*")
 def dynamic_prompt(text, rng):
     """Strip C-style comments and replace each ``{a|b|c}`` group (nestable, ``\\`` escapes) by one option."""
     text = _COMMENTS.sub("", text)
-    out, i = _expand(text, 0, rng, top=True)
+    out, i = "", 0
+    while i < len(text):
+        c = text[i]
+        i += 1
+        if c == "\\" and i < len(text):  # an escape is kept as written
+            out += c + text[i]
+            i += 1
+        elif c == "{":
+            chosen, i = _choose(text, i, rng)
+            out += chosen
+        else:
+            out += c
     return out
 
 
-def _expand(text, i, rng, top):
+def _choose(text, i, rng):
+    """Read the options of a group from just after its '{'; returns (one option, expanded; index after '}')."""
     options, current, depth = [], "", 0
     while i < len(text):
         c = text[i]
@@ -164,29 +176,17 @@ def _expand(text, i, rng, top):
         if c == "\\" and i < len(text):
             current += c + text[i]
             i += 1
-        elif c == "{" and top:
-            chosen, i = _expand(text, i, rng, top=False)
-            current += chosen
-        elif top:
-            current += c
-        elif c == "{":
-            depth += 1
-            current += c
-        elif c == "}":
-            if depth == 0:
-                break
-            depth -= 1
-            current += c
-        elif c == "|" and depth == 0:
+            continue
+        if c == "}" and depth == 0:
+            break
+        if c == "|" and depth == 0:
             options.append(current)
             current = ""
-        else:
-            current += c
-    if top:
-        return current, i
+            continue
+        depth += (c == "{") - (c == "}")
+        current += c
     options.append(current)
-    chosen = options[int(rng.random() * len(options))]
-    return dynamic_prompt(chosen, rng), i
+    return dynamic_prompt(options[int(rng.random() * len(options))], rng), i
 
 
 # --- the graph ------------------------------------------------------------------------------------------------
