@@ -64,7 +64,9 @@ def load_workflow(path):
 
 
 def to_api(workflow, object_info, rng=None):
-    """API-format prompt from an editor or API workflow. API input is returned unchanged (a copy)."""
+    """API-format prompt from an editor or API workflow. API input is returned unchanged (a copy).
+    ``{a|b}`` dynamic prompts are resolved with ``rng`` (default: seeded, so a conversion, and with it the
+    resume key of every run, is reproducible; the editor re-rolls them on every queue)."""
     if is_api_format(workflow):
         return json.loads(json.dumps(workflow))
     if not is_editor_format(workflow):
