@@ -7,7 +7,8 @@ Per model and dtype, images/s at batch B (default 8) for:
                    (non-differentiable; the PIL conversion is included, as in the official scorers)
   ref_tensor_fwd   open_clip model on tensors preprocessed with torchvision tensor transforms (ReNO-style)
   ref_tensor_fwd_bwd   the same, with backward to the pixels
-plus peak memory (CUDA: max allocated; CPU: process peak RSS, which only grows) and the score agreement.
+plus peak memory (CUDA: max allocated; CPU: process peak RSS, which only grows, so it is not per-pipeline) and the
+score agreement. Timings are the best of --reps rounds, measured round-robin.
 Weights are random (no downloads): speed does not depend on their values.
 
     python bench/rewards.py --tiny            # CPU: tiny open_clip configs (what CI machines can run)
@@ -85,17 +86,20 @@ def reference_score(kind, reward, x_model, tokens):
     return cos if kind == "hps" else clip.logit_scale.exp().float() * cos
 
 
-def timed(fn, device, reps):
-    fn()
-    best = float("inf")
+def timed_interleaved(fns, device, reps):
+    """Best time of each function, measured round-robin so that load changes on a shared machine hit all alike."""
+    for fn in fns.values():
+        fn()                                            # warm-up (allocations, kernels, text-feature cache)
+    best = {k: float("inf") for k in fns}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        for label, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[label] = min(best[label], time.perf_counter() - t0)
     return best
 
 
@@ -147,9 +151,10 @@ def bench(kind, config, dtype_name, device, batch, size, reps):
 
     row = {"model": kind, "clip": config["clip_model"], "dtype": dtype_name, "device": str(device), "batch": batch,
            "image_size": size}
-    for label, fn in (("ours_fwd", ours_fwd), ("ours_fwd_bwd", ours_bwd), ("ref_pil_fwd", ref_pil),
-                      ("ref_tensor_fwd", ref_tensor_fwd), ("ref_tensor_fwd_bwd", ref_tensor_bwd)):
-        row[f"{label}_img_s"] = round(batch / timed(fn, device, reps), 2)
+    fns = {"ours_fwd": ours_fwd, "ours_fwd_bwd": ours_bwd, "ref_pil_fwd": ref_pil, "ref_tensor_fwd": ref_tensor_fwd,
+           "ref_tensor_fwd_bwd": ref_tensor_bwd}
+    for label, seconds in timed_interleaved(fns, device, reps).items():
+        row[f"{label}_img_s"] = round(batch / seconds, 2)
     row["ours_fwd_bwd_peak_mib"] = peak_memory(device, ours_bwd)
     row["ref_tensor_fwd_bwd_peak_mib"] = peak_memory(device, ref_tensor_bwd)
     ours, ref = ours_fwd().float(), ref_pil().float()

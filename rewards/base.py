@@ -28,7 +28,7 @@ class Reward(torch.nn.Module):
 
     # --- subclasses implement this ---------------------------------------------------------------------------
     def score(self, images, prompts):
-        """images: float32 BCHW in [0, 1] (not yet resized); prompts: list[str] of length B. Returns Tensor[B]."""
+        """images: float BCHW in [0, 1] (any size, not yet preprocessed); prompts: list[str] of length B. Returns Tensor[B]."""
         raise NotImplementedError
 
     # --- the protocol ---------------------------------------------------------------------------------------
