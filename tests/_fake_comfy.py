@@ -75,6 +75,10 @@ class FakeComfy:
             await ws.close()
         await self._runner.cleanup()
 
+    async def _restart_soon(self):
+        await asyncio.sleep(0.05)  # after this response has gone out, like a crash a moment later
+        await self.restart()
+
     async def restart(self):
         """Like a crashed and restarted ComfyUI: connections drop, the port is closed for a while, and the new
         process has an empty queue and history (output files stay on disk)."""
@@ -105,7 +109,7 @@ class FakeComfy:
         self._wake.set()
         if self.restart_after is not None and self.accepted == self.restart_after:
             self.restart_after = None
-            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.restart()))
+            self._restart_task = asyncio.create_task(self._restart_soon())
         return web.json_response({"prompt_id": pid, "number": self.accepted - 1, "node_errors": node_errors})
 
     async def get_history(self, request):
