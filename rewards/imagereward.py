@@ -21,6 +21,7 @@ from .weights import RewardWeightsError, load_into, read_state_dict
 # Standardisation of the raw head output, from the published ImageReward.py.
 SCORE_MEAN = 0.16717362830052426
 SCORE_STD = 1.0333394966054072
+BERT_BASE_UNCASED_VOCAB = 30522
 MAX_PROMPT_TOKENS = 35   # the published tokenizer call: padding="max_length", truncation=True, max_length=35
 
 # The published model: BLIP ViT-L/16 at 224 px and med_config.json (BERT-base, vocab 30522 + [DEC] + [ENC]).
@@ -160,15 +161,27 @@ def bert_tokenizer(folder=None, hf_cache=True):
 
     candidates = [f for f in (folder, folder and os.path.join(folder, "bert-base-uncased")) if f]
     for candidate in candidates:
-        if os.path.isfile(os.path.join(candidate, "vocab.txt")):
-            return _add_blip_tokens(BertTokenizer.from_pretrained(candidate, local_files_only=True))
+        vocab = os.path.join(candidate, "vocab.txt")
+        if os.path.isfile(vocab):
+            with open(vocab, encoding="utf-8") as f:
+                size = sum(1 for line in f if line.strip())
+            return _add_blip_tokens(_checked(BertTokenizer.from_pretrained(candidate, local_files_only=True), size, vocab))
     if hf_cache:
         try:
-            return _add_blip_tokens(BertTokenizer.from_pretrained("bert-base-uncased", local_files_only=True))
-        except OSError:
+            cached = BertTokenizer.from_pretrained("bert-base-uncased", local_files_only=True)
+            return _add_blip_tokens(_checked(cached, BERT_BASE_UNCASED_VOCAB, "the Hugging Face cache"))
+        except (OSError, ValueError, RewardWeightsError):
             pass
     searched = ", ".join(candidates) or "(no folder given)"
     raise RewardWeightsError(f"{TOKENIZER_HELP}. Searched: {searched}" + (" and the Hugging Face cache." if hf_cache else "."))
+
+
+def _checked(tokenizer, size, source):
+    # transformers 5 returns an empty tokenizer (special tokens only) instead of failing when files are missing.
+    if tokenizer.vocab_size != size:
+        raise RewardWeightsError(f"{TOKENIZER_HELP}. The tokenizer read from {source} has {tokenizer.vocab_size} tokens, "
+                         f"expected {size}.")
+    return tokenizer
 
 
 def _add_blip_tokens(tokenizer):

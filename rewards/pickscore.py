@@ -7,6 +7,7 @@ bicubic, centre crop, OpenAI mean/std), made differentiable (``clip_processor_tr
 """
 import gzip
 import json
+import logging
 import os
 from functools import partial
 
@@ -30,6 +31,8 @@ PICKSCORE_V1_CONFIG = {
 LAYOUT = ("transformers CLIPModel state dict (HF model.safetensors of yuvalkirstain/PickScore_v1): "
           "text_model.*, vision_model.*, visual_projection.weight, text_projection.weight, logit_scale")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+CLIP_VOCAB_SIZE = 49408
+log = logging.getLogger("rewardlab")
 
 
 class PickScore(Reward):
@@ -128,7 +131,12 @@ def clip_tokenizer(folder=None):
     from transformers import CLIPTokenizer
 
     if folder and any(all(os.path.isfile(os.path.join(folder, f)) for f in names) for names in TOKENIZER_FILES):
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        # transformers 5 yields a special-tokens-only tokenizer instead of failing on unusable files.
+        if tokenizer.vocab_size == CLIP_VOCAB_SIZE:
+            return tokenizer
+        log.warning("RewardLab: the CLIP tokenizer files in %s hold %d tokens, not %d; using open_clip's vocabulary",
+                    folder, tokenizer.vocab_size, CLIP_VOCAB_SIZE)
     vocab, merges = open_clip_bpe_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges)
 

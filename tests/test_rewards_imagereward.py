@@ -207,9 +207,16 @@ def test_mismatched_or_unsafe_files_give_clear_errors(tmp_path, reference, token
         imagereward.load_imagereward(str(evil), VISION, text_config(tokenizer), tokenizer)
 
 
-def test_missing_tokenizer_names_the_file_to_add(tmp_path):
+def test_missing_tokenizer_names_the_file_to_add(tmp_path, monkeypatch):
     with pytest.raises(RewardWeightsError, match="vocab.txt"):
         imagereward.bert_tokenizer(str(tmp_path), hf_cache=False)
+    # transformers 5 answers a missing cache entry with an empty tokenizer (special tokens only), not an error.
+    from transformers import BertTokenizer
+
+    empty = BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])})
+    monkeypatch.setattr(BertTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: empty))
+    with pytest.raises(RewardWeightsError, match="vocab.txt"):
+        imagereward.bert_tokenizer(str(tmp_path), hf_cache=True)
 
 
 def test_gradients_are_finite_and_ascent_raises_the_score(reward, images):

@@ -80,6 +80,14 @@ def test_open_clip_vocabulary_gives_open_clip_token_ids(tokenizer):
         assert b[n - 1] == 49407
 
 
+def test_unusable_tokenizer_files_fall_back_to_the_open_clip_vocabulary(tmp_path, tokenizer):
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    fallback = pickscore.clip_tokenizer(str(tmp_path))
+    assert fallback.vocab_size == 49408
+    assert fallback(PROMPTS)["input_ids"] == tokenizer(PROMPTS)["input_ids"]
+
+
 def test_parity_with_processor_on_the_same_float_images(reward, reference, images):
     """≤ 1e-3 relative: the reference CLIPImageProcessor resizes the same float image tensors (no 8-bit rounding)."""
     from transformers import CLIPImageProcessor
