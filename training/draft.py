@@ -169,17 +169,18 @@ class Trainer:
     on_step:     called with each step's log record and the trainer (progress bars, previews)
     cancel:      called before every step and every sampling step; truthy stops training cleanly
     free_memory: called after an OOM / NaN / cancel (ComfyUI: host.free_memory)
+    run_id:      name of this run in training/status.py (GET /rewardlab/training)
     """
 
     def __init__(self, bundle, reward, config=None, prompts=("",), heldout=(), lora_path=None, on_step=None,
-                 cancel=None, free_memory=None, adapters=None):
+                 cancel=None, free_memory=None, adapters=None, run_id="default"):
         self.cfg = config or DraftConfig()
         self.cfg.validate()
         if not prompts:
             raise ValueError("give at least one training prompt")
         self.bundle, self.reward = bundle, reward
         self.prompts, self.heldout = list(prompts), list(heldout)
-        self.lora_path, self.on_step, self.cancel = lora_path, on_step, cancel
+        self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
         self.free_memory = free_memory or _default_free_memory
         c = self.cfg
         self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha, c.targets)
@@ -486,7 +487,8 @@ class Trainer:
                 self.log.append(record)
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     self.save()
-                _status_update(step=self.step, total=total, record=record)
+                _status("update", self.run_id, step=self.step, total=total, record=record,
+                        last_checkpoint=self.lora_path if self.saved_step is not None else None)
                 if self.on_step is not None:
                     self.on_step(record, self)
                 if early:
@@ -502,10 +504,12 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         if stop is not None:              # the exception (and the graph its frames hold) is gone by now
             self.free_memory()
+            _status("finish", self.run_id, status=stop[0], step=self.step)
             raise TrainingStopped(stop[0], self._stop_message(*stop), self.step,
                                   self.lora_path if self.saved_step is not None else None)
         if self.lora_path is not None:
             self.save()
+        _status("finish", self.run_id, status=status, step=self.step)
         return TrainResult(status, self.step, self.log, self.lora_path if self.saved_step is not None else None,
                            self.best_heldout)
 
@@ -525,18 +529,15 @@ def _default_free_memory():
             torch.cuda.empty_cache()
 
 
-def _status_update(**kw):
-    """Report progress to training/status.py (the batch runner's run status) when that module exists."""
+def _status(fn_name, run_id, **fields):
+    """Report to training/status.py (the run registry behind GET /rewardlab/training) when it is present."""
     try:
         from . import status
     except ImportError:
         return
-    update = getattr(status, "update", None)
-    if update is not None:
-        try:
-            update(**kw)
-        except TypeError:
-            pass
+    fn = getattr(status, fn_name, None)
+    if fn is not None:
+        fn(run_id, **fields)
 
 
 def config_from_dict(d):

@@ -1,0 +1,202 @@
+"""`rewardlab train` and the DRaFT part of `rewardlab demo`.
+
+    rewardlab train --reward colourfulness --train-steps 200          # the embedded tiny model
+    rewardlab train --model ./sd15-diffusers --reward hps-v2.1 --prompts prompts.txt --width 512 --height 512
+    torchrun --nproc_per_node 4 -m rewardlab.cli train --model ...    # data parallel (one process per GPU)
+
+Writes <out>/<name>.safetensors (ComfyUI LoRA keys) + <name>.state.pt, <name>_curve.png, <name>_before.png,
+<name>_after.png and <name>_log.json.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from .draft import METHODS, DraftConfig, Trainer, TrainingStopped
+from .lora import ATTENTION_TARGETS
+
+TINY_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+                "a yellow triangle on a black background", "a blue cross on a yellow background",
+                "a white circle on a red background", "a black square on a green background"]
+TINY_HELDOUT = ["a red triangle on a white background", "a green cross on a black background"]
+
+
+def add_train_command(subparsers):
+    """Register `train` on an argparse subparsers object (rewardlab/cli.py calls this)."""
+    p = subparsers.add_parser("train", help="DRaFT-train a reward LoRA (tiny model or a diffusers SD folder)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="diffusers Stable Diffusion 1.x/2.x folder (default: embedded tiny)")
+    p.add_argument("--reward", default="colourfulness", help="reward name (rewardlab rewards list)")
+    p.add_argument("--prompts", default=None, help="text file with one prompt per line (default: tiny captions)")
+    p.add_argument("--heldout", default=None, help="text file of held-out prompts")
+    p.add_argument("--method", default="draft_k", choices=METHODS)
+    p.add_argument("--k", type=int, default=1, help="K (DRaFT-K / DRTune grad steps, AlignProp max)")
+    p.add_argument("--lv-n", type=int, default=2, help="DRaFT-LV re-noised copies")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 SD, 8 tiny)")
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default=None, help="sigma schedule (default: leading for SD, simple for tiny)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7.5 SD, 3 tiny)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--targets", default="attention", choices=("attention", "all"))
+    p.add_argument("--train-steps", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--heldout-every", type=int, default=0)
+    p.add_argument("--early-stop", type=int, default=0, help="patience in held-out evaluations (0: off)")
+    p.add_argument("--kl-weight", type=float, default=0.0, help="DRaFT+ ε-L2 penalty to the base model")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--out", default="rewardlab_train", help="output folder")
+    p.add_argument("--name", default="draft_lora", help="LoRA file name (no folders)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.safetensors")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _lines(path, default):
+    if path is None:
+        return list(default)
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} holds no prompts")
+    return lines
+
+
+def _init_distributed(device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: one process per GPU (gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    dist = torch.distributed
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return device
+
+
+def save_png(images_bchw, path, columns=None):
+    from PIL import Image
+
+    from ..nodes.train_nodes import image_grid
+
+    grid = image_grid(images_bchw, columns)[0]
+    Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(path)
+
+
+def save_curve(log, path, title):
+    from PIL import Image
+
+    from ..nodes.train_nodes import curve_image
+
+    img = curve_image(log, title)[0]
+    Image.fromarray((img.numpy() * 255).round().astype("uint8")).save(path)
+
+
+def build(args):
+    """(bundle, config, prompts, heldout) from parsed arguments."""
+    from .bundle import diffusers_bundle, tiny_bundle
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _init_distributed(device)
+    tiny = args.model is None
+    if tiny:
+        bundle = tiny_bundle(device=device)
+    else:
+        bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width)
+    config = DraftConfig(
+        method=args.method, k=args.k, lv_n=args.lv_n, steps=args.steps or (8 if tiny else 50), sampler=args.sampler,
+        scheduler=args.scheduler or ("simple" if tiny else "leading"), cfg=args.cfg if args.cfg is not None else
+        (3.0 if tiny else 7.5), batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, rank=args.rank, alpha=args.alpha,
+        targets=ATTENTION_TARGETS if args.targets == "attention" else None, train_steps=args.train_steps,
+        seed=args.seed, precision=args.precision, checkpointing=not args.no_checkpointing, kl_weight=args.kl_weight,
+        heldout_every=args.heldout_every, early_stop_patience=args.early_stop, save_every=args.save_every)
+    prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"])
+    heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [])
+    return bundle, config, prompts, heldout
+
+
+def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume=False, log=print):
+    """Train, write the files, return a summary dict (rewards before/after, paths)."""
+    from ..nodes import host
+
+    lora_path = host.safe_output_path("", name, ".safetensors", root=out)
+    stem = os.path.splitext(lora_path)[0]
+    trainer = Trainer(bundle, reward, config, prompts=prompts, heldout=heldout, lora_path=lora_path,
+                      run_id=os.path.basename(lora_path),
+                      on_step=lambda r, t: log(f"step {r['step']:4d}  reward {r['reward']:.4f}  loss {r['loss']:.4f}"
+                                               f"  |g| {r['grad_norm']:.3g}  {r['seconds']:.2f}s"
+                                               + (f"  held-out {r['heldout_reward']:.4f}" if 'heldout_reward' in r
+                                                  else "")))
+    if resume and os.path.exists(lora_path):
+        trainer.resume()
+        log(f"resumed {lora_path} at step {trainer.step}")
+    shown = (prompts + heldout)[: 2 * config.batch_size]
+    before_imgs, before_r = trainer.sample_images(shown, seed=config.seed, scale=0.0)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train()
+    except TrainingStopped as stop:
+        log(str(stop))
+        raise SystemExit(1) from None
+    seconds = time.perf_counter() - t0
+    after_imgs, after_r = trainer.sample_images(shown, seed=config.seed)
+    summary = {"reward_before": float(before_r.mean()), "reward_after": float(after_r.mean()),
+               "steps": result.step, "status": result.status, "train_seconds": seconds, "lora": lora_path}
+    if trainer.rank == 0:
+        save_png(before_imgs, stem + "_before.png", columns=config.batch_size)
+        save_png(after_imgs, stem + "_after.png", columns=config.batch_size)
+        save_curve(result.log, stem + "_curve.png", f"{config.method} on {getattr(reward, 'name', 'reward')}")
+        with open(stem + "_log.json", "w", encoding="utf-8") as f:
+            json.dump({"summary": summary, "config": vars_of(config), "log": result.log}, f, indent=1)
+        summary.update(before=stem + "_before.png", after=stem + "_after.png", curve=stem + "_curve.png")
+    return summary
+
+
+def vars_of(config):
+    from dataclasses import asdict
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def run_train(args):
+    from ..rewards import load_reward
+
+    bundle, config, prompts, heldout = build(args)
+    reward = load_reward(args.reward, device=bundle.device)
+    summary = train_and_report(bundle, config, reward, prompts, heldout, args.out, args.name, args.resume)
+    print(f"reward before {summary['reward_before']:.4f}  after {summary['reward_after']:.4f}  "
+          f"({summary['steps']} steps, {summary['train_seconds']:.0f}s); LoRA: {summary['lora']}")
+    return 0
+
+
+def demo_training(out_dir, train_steps=60, seed=0, reward_name="colourfulness", log=print):
+    """The README demo: DRaFT-1 on the embedded tiny model against a weight-free reward, a couple of minutes on
+    two CPU cores. Writes before/after grids, the reward curve PNG and the LoRA; returns the summary."""
+    from ..rewards import load_reward
+    from .bundle import tiny_bundle
+
+    torch.manual_seed(seed)
+    bundle = tiny_bundle()
+    config = DraftConfig(method="draft_k", k=1, steps=6, scheduler="simple", cfg=3.0, batch_size=4, lr=2e-3, rank=4,
+                         targets=None, train_steps=train_steps, seed=seed, heldout_every=max(1, train_steps // 4),
+                         save_every=max(1, train_steps // 2))
+    summary = train_and_report(bundle, config, load_reward(reward_name), TINY_PROMPTS, TINY_HELDOUT, out_dir,
+                               "demo_draft_lora", log=log)
+    log(f"DRaFT demo ({reward_name}): reward before {summary['reward_before']:.4f} -> after "
+        f"{summary['reward_after']:.4f}; files in {out_dir}")
+    return summary
