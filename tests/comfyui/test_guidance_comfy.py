@@ -197,3 +197,15 @@ def test_schedule_values_use_model_progress(comfy, unet):
         if 0.01 < v < 0.99:
             assert float(ms.percent_to_sigma(v)) == pytest.approx(s, rel=2e-2)
     assert comfy.samplers is not None
+
+
+def test_reward_guider_through_the_model_runs_with_gradients(comfy, unet, vae, conds):
+    """The paper's variant differentiates through the UNet: it needs the grad-ready model copy inside inference mode."""
+    sigmas = sigmas_of(unet, 2)
+    reward = SimpleReward("brightness", brightness)
+    base = scheduled(unet, conds)
+    with torch.inference_mode():
+        guided = gn.RewardLabRewardGuider().build(base, vae, reward, "", 200.0, 0.0, 1.0, 1, 0.5, "through model")[0]
+    assert guided.model_patcher is not unet
+    plain, steered = run_guider(base, sigmas), run_guider(guided, sigmas)
+    assert torch.isfinite(steered).all() and (steered - plain).abs().max() > 1e-5
