@@ -42,12 +42,13 @@ class Counted(torch.nn.Module):
         return self.den(x, sigma, **kw)
 
 
-def tiny_setup(device, batch):
-    """The embedded tiny model, or the same architecture with random weights when the weights are not shipped."""
+def tiny_setup(device, batch, path=None):
+    """The embedded tiny model (or one saved in ``path``), or the same architecture with random weights when the
+    weights are not shipped."""
     from rewardlab.tiny import model as tiny
     try:
-        model = tiny.load_tiny(device)
-        name = "tiny (embedded weights)"
+        model = tiny.load_tiny(device, path)
+        name = "tiny (embedded weights)" if path is None else f"tiny (weights from {path})"
     except FileNotFoundError:
         from rewardlab.tiny.text import TinyTextEncoder
         torch.manual_seed(0)
@@ -104,12 +105,13 @@ def main():
     ap.add_argument("--space", default=AdaptiveGuidance().space)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny-path", default=None, help="folder with tiny_model.safetensors (default: the shipped one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if (args.model == "sd15" and device.type == "cuda") else torch.float32
     if args.model == "tiny":
-        name, den, cond, uncond, shape = tiny_setup(device, args.batch)
+        name, den, cond, uncond, shape = tiny_setup(device, args.batch, args.tiny_path)
     else:
         name, den, cond, uncond, shape = sd15_setup(device, args.batch, dtype)
     common = (den, cond, uncond, shape, args.batch, args.steps, args.cfg)
