@@ -165,7 +165,7 @@ class Graph:
 
     def _layout(self):
         """Columns by dependency depth (sources sit just left of their first consumer), rows in insertion
-        order; primitives sit in the first column."""
+        order, in horizontal bands (see below); primitives sit in the first column."""
         depth, children = {}, {}
         for node in self.nodes:
             for value in node.inputs.values():
@@ -183,14 +183,24 @@ class Graph:
         for node in self.nodes:
             if not any(isinstance(v, Out) for v in node.inputs.values()) and node.id in children:
                 depth[node.id] = max(1, min(depth[c.id] for c in children[node.id]) - 1)
-        rows, pos = {}, {}
-        for node in self.nodes:
-            col = depth[node.id]
-            pos[node.id] = [40 + 400 * col, 40 + 260 * rows.get(col, 0)]
-            rows[col] = rows.get(col, 0) + 1
-        for prim in self.primitives:
-            pos[prim.id] = [40, 40 + 260 * rows.get(0, 0)]
-            rows[0] = rows.get(0, 0) + 1
+        # Bands: ungrouped nodes on top, then one band per group, so a group's box holds only its members.
+        band_of = {}
+        for index, (_, members) in enumerate(self.groups, 1):
+            for m in members:
+                band_of.setdefault(m.id, index)
+        pos, top = {}, 40
+        for band in range(len(self.groups) + 1):
+            rows = {}
+            if band == 0 and self.primitives:
+                rows[0] = len(self.primitives)
+                for k, prim in enumerate(self.primitives):
+                    pos[prim.id] = [40, top + 260 * k]
+            for node in self.nodes:
+                if band_of.get(node.id, 0) == band:
+                    col = depth[node.id]
+                    pos[node.id] = [40 + 400 * col, top + 260 * rows.get(col, 0)]
+                    rows[col] = rows.get(col, 0) + 1
+            top += 260 * max(rows.values(), default=0) + (80 if rows else 0)
         return pos
 
     @staticmethod
@@ -198,7 +208,7 @@ class Graph:
         xs = [positions[m.id][0] for m in members]
         ys = [positions[m.id][1] for m in members]
         return {"title": title, "bounding": [min(xs) - 20, min(ys) - 50, max(xs) - min(xs) + 380,
-                                             max(ys) - min(ys) + 300],
+                                             max(ys) - min(ys) + 290],
                 "color": "#3f789e", "font_size": 24, "flags": {}}
 
 
@@ -250,7 +260,6 @@ def score_and_rank():
     g.add("SaveImage", "Save best", images=rank[0], filename_prefix="rewardlab/best")
     g.add("PreviewImage", "All candidates", images=decode[0])
     g.add("PreviewAny", "Scores", source=rank[3])
-    g.group("Generate", ckpt, pos, neg, latent, sampler)
     g.group("Score and rank", reward, rank)
     return g
 
@@ -266,6 +275,60 @@ def custom_sampling(g, model, guider, latent, vae, prefix, steps=20, seed=0):
     decode = g.add("VAEDecode", samples=sample[0], vae=vae)
     g.add("SaveImage", images=decode[0], filename_prefix=prefix)
     return sigmas, sample
+
+
+def resample(g, ckpt, pos, neg, latent, noise, cfg, steps, scheduler, prefix):
+    """Stock SamplerCustomAdvanced fed with an optimised NOISE: same model, conds, cfg, sampler and sigmas as the
+    optimiser, so it reproduces the optimised image."""
+    guider = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=cfg)
+    select = g.add("KSamplerSelect", sampler_name="euler")
+    sigmas = g.add("BasicScheduler", model=ckpt[0], scheduler=scheduler, steps=steps, denoise=1.0)
+    sample = g.add("SamplerCustomAdvanced", noise=noise, guider=guider[0], sampler=select[0], sigmas=sigmas[0],
+                   latent_image=latent[0])
+    decode = g.add("VAEDecode", samples=sample[0], vae=ckpt[2])
+    g.add("SaveImage", images=decode[0], filename_prefix=prefix)
+    return sample
+
+
+@workflow
+def reno_noise():
+    g = Graph("reno_noise", note=(
+        "ReNO (Eyring et al. 2024): optimise the initial noise by gradient ascent on a reward, then sample it with "
+        "stock SamplerCustomAdvanced.\n\nMeant for one/few-step models: pick e.g. SD-Turbo in Load Checkpoint "
+        "(cfg 1, 1 step). ReNO's NOISE output carries the optimised tensor; the stock sampler below uses the same "
+        "model, prompts, cfg, sampler and sigmas, so it reproduces the optimised image. Put the reward weights in "
+        "models/rewards and pick the reward in Load Reward Model (HPS v2.1 reads the prompt)."))
+    ckpt, pos, neg, latent, text = txt2img(g, "a red panda reading a book under a lamp, digital art",
+                                           share_prompt=True)
+    reward = g.add("RewardLabLoadReward", model_name="hps-v2.1")
+    reno = g.add("RewardLabReNOOptimiseNoise", model=ckpt[0], positive=pos[0], negative=neg[0], vae=ckpt[2],
+                 latent=latent[0], reward=reward[0], steps=1, sampler="euler", scheduler="normal", cfg=1.0, seed=0,
+                 batch=1, iterations=50, lr=5.0, reg_weight=0.01, prompt=text)
+    g.add("PreviewImage", "Reward per iteration", images=reno[3])
+    resample(g, ckpt, pos, neg, latent, reno[0], cfg=1.0, steps=1, scheduler="normal",
+             prefix="rewardlab/reno")
+    g.group("ReNO", reward, reno)
+    return g
+
+
+@workflow
+def noise_search():
+    g = Graph("noise_search", note=(
+        "Noise search: try many initial noises (random, zero-order neighbourhood or search over paths), keep the "
+        "one with the best reward, and sample it with stock SamplerCustomAdvanced.\n\nNo gradients, so any "
+        "model and any reward works; the cost is `budget` full samplings. Pick your checkpoint and reward."))
+    ckpt, pos, neg, latent, text = txt2img(g, "a lighthouse on a rocky coast at sunset, oil painting",
+                                           share_prompt=True)
+    reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
+    search = g.add("RewardLabNoiseSearch", model=ckpt[0], positive=pos[0], negative=neg[0], vae=ckpt[2],
+                   latent=latent[0], reward=reward[0], steps=20, sampler="euler", scheduler="normal", cfg=7.0, seed=0,
+                   batch=1, method="random", budget=16, prompt=text)
+    g.add("PreviewImage", "Scores of the candidates", images=search[3])
+    g.add("PreviewAny", "Best score", source=search[4])
+    resample(g, ckpt, pos, neg, latent, search[0], cfg=7.0, steps=20, scheduler="normal",
+             prefix="rewardlab/noise_search")
+    g.group("Noise search", reward, search)
+    return g
 
 
 @workflow
