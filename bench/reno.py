@@ -207,10 +207,13 @@ def run_sd21(args, device, dtype):
     chain = Chain(Denoiser(unet_c, dtype).to(device), sigmas, decode=make_decode(vae, dtype), step="euler",
                   extra_args=extra, channels=4)
     if args.compile != "none":      # warm-up compiles outside the timing (2 iterations: forward + backward)
-        optimise_noise(chain, reward, noise, PROMPT, iterations=2, checkpoint_reward=args.checkpoint_reward)
+        optimise_noise(chain, reward, noise, PROMPT, iterations=2, checkpoint_reward=args.checkpoint_reward,
+                       checkpoint_steps=args.checkpoint_steps)
     res, secs, peak = timed(lambda: optimise_noise(chain, reward, noise, PROMPT, iterations=args.iterations,
-                                                   checkpoint_reward=args.checkpoint_reward), device)
-    row = dict(row="rewardlab", compile=args.compile, s_per_image=secs / args.batch, peak_gib=peak,
+                                                   checkpoint_reward=args.checkpoint_reward,
+                                                   checkpoint_steps=args.checkpoint_steps), device)
+    row = dict(row="rewardlab", compile=args.compile, checkpoint_steps=args.checkpoint_steps,
+               checkpoint_reward=args.checkpoint_reward, s_per_image=secs / args.batch, peak_gib=peak,
                first_reward=float(res.history[0].mean()), best_reward=float(res.reward.mean()))
     if rows:
         row["speedup_vs_eager"] = rows[0]["s_per_image"] / row["s_per_image"]
@@ -246,6 +249,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"), default="none")
     p.add_argument("--checkpoint-reward", action="store_true", help="recompute decoder + rewards in backward")
+    p.add_argument("--checkpoint-steps", action="store_true", help="recompute the UNet call in backward")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--no-sdxl", action="store_true", help="skip the 4-step SDXL-shaped chain")
     args = p.parse_args(argv)

@@ -1,9 +1,10 @@
 """Noise nodes: ReNO noise optimisation, gradient-free noise search, and wrapping a LATENT as a NOISE.
 
-Every evaluation samples through the bridge (CFGGuider + RunnerSampler = RewardLab's one runner), i.e. the same
-implementation the "RewardLab Sampler" node runs, and whose euler / euler_ancestral / dpmpp_2m steps equal stock
+The whole optimisation / search runs inside one ``CFGGuider.sample`` call (see ``_InsideGuider``): every evaluation
+is RewardLab's one runner on the guider's CFG'd x̂0 with RunnerSampler's noise scaling and ancestral seeding, i.e.
+the implementation the "RewardLab Sampler" node runs, whose euler / euler_ancestral / dpmpp_2m steps equal stock
 ComfyUI's. The NOISE output (seed + optimised tensor) therefore reproduces the optimised image under stock
-SamplerCustomAdvanced with the same model, conditioning, cfg, sampler and sigmas.
+SamplerCustomAdvanced with the same model, conditioning, cfg, sampler and sigmas (tests/comfyui/test_noise_comfy.py).
 """
 import math
 
@@ -45,9 +46,6 @@ class _InsideGuider:
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        if denoise_mask is not None:
-            raise ValueError("noise optimisation does not support a LATENT with a noise_mask (inpainting); "
-                             "remove the mask")
         base = model_wrap.inner_model
         # ComfyUI made these in inference mode; clones made here (inference mode off) can join autograd graphs.
         sigmas = sigmas.clone()
@@ -74,8 +72,7 @@ def _inside_guider(model, positive, negative, cfg, vae, latent, sigmas, step, se
             hs.prepare_training(patcher, vae_patcher)     # both resident: decode must not evict the UNet mid-loop
             sampler = _InsideGuider(body, step, seed, info, vae, vae_patcher)
             guider = hs.make_guider(patcher, positive, negative, cfg)
-            guider.sample(torch.zeros_like(samples), samples, sampler, sigmas,
-                          denoise_mask=latent.get("noise_mask"), seed=seed)
+            guider.sample(torch.zeros_like(samples), samples, sampler, sigmas, seed=seed)
         finally:
             hs.release(patcher, vae_patcher)
     return sampler
@@ -106,24 +103,18 @@ def _batched_latent(latent, batch):
     if samples.shape[0] != 1:
         raise ValueError(f"batch is {batch} but the LATENT holds {samples.shape[0]} samples: set batch to "
                          f"{samples.shape[0]} or use a single-sample latent (it is repeated to the batch)")
-    out = dict(latent, samples=samples.repeat(batch, *[1] * (samples.ndim - 1)))
-    if "noise_mask" in latent and latent["noise_mask"].shape[0] == 1:
-        out["noise_mask"] = latent["noise_mask"].repeat(batch, *[1] * (latent["noise_mask"].ndim - 1))
-    return out
-
-
-def _initial_noise(samples, seed):
-    """The noise stock RandomNoise(seed) gives for this latent: the optimisation starts at the seed's sample."""
-    import importlib
-    return importlib.import_module("comfy.sample").prepare_noise(samples, seed)
+    return dict(latent, samples=samples.repeat(batch, *[1] * (samples.ndim - 1)))
 
 
 def _run(model, positive, negative, vae, latent, steps, sampler, scheduler, cfg, seed, batch, body):
     """Shared node plumbing: batch the latent, take the seed's noise (as stock RandomNoise), run ``body(chain,
     noise)`` inside the guider, and turn the result into (NOISE, LATENT, IMAGE)."""
+    if "noise_mask" in latent:
+        raise ValueError("noise optimisation and search do not support a LATENT with a noise_mask (inpainting); "
+                         "remove the mask (e.g. use the latent without Set Latent Noise Mask)")
     latent = _batched_latent(latent, batch)
     sigmas = hs.calculate_sigmas(model, scheduler, steps)
-    noise = _initial_noise(hs.latent_samples(model, latent), seed)
+    noise = host.prepare_noise(hs.latent_samples(model, latent), seed)    # the seed's own sample is iterate 0
     inside = _inside_guider(model, positive, negative, cfg, vae, latent, sigmas, sampler, seed,
                             lambda chain, device: body(chain, noise.to(device).clone()))
     result = inside.result
