@@ -1,0 +1,89 @@
+"""DRaFT Train LoRA on a real ComfyUI MODEL (in-process, CPU, tiny SD15-class fixtures): the node trains, the saved
+file loads through stock LoraLoaderModelOnly with zero missing keys, and the trained MODEL samples through stock
+KSampler. Also Apply / Mix Reward LoRA on ComfyUI MODELs and a CLIP + prompt-list run with DRaFT-LV."""
+import logging
+import os
+
+import pytest
+import torch
+
+from rewardlab.nodes import train_nodes as tn
+from rewardlab.rewards import load_reward
+
+
+@pytest.fixture(scope="module")
+def out_dir(comfy, tmp_path_factory):
+    import folder_paths
+    out = tmp_path_factory.mktemp("comfy_out")
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    folder_paths.add_model_folder_path("loras", str(out / "loras"))     # main.py does this for output/loras
+    yield out
+    folder_paths.set_output_directory(old)
+
+
+def train(unet, vae, **kw):
+    args = dict(model=unet, vae=vae, reward=load_reward("brightness"), prompts="a red square on a blue background",
+                sampler="euler", scheduler="normal", steps=3, cfg=3.0, width=64, height=64, batch_size=1,
+                method="DRaFT-K", k=1, lv_n=2, learning_rate=1e-2, rank=2, training_steps=3, save_every=2,
+                name="../draft_test", seed=0, precision="fp32")
+    args.update(kw)
+    with torch.inference_mode():                          # as a ComfyUI worker runs nodes
+        return tn.RewardLabDRaFTTrainLoRA().train(**args)
+
+
+def sample(comfy, model, conds, seed=1):
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        return comfy.KSampler().sample(model, seed, 3, 3.0, "euler", "normal", conds[0], conds[1], latent)[0]["samples"]
+
+
+@pytest.fixture(scope="module")
+def trained(comfy, unet, vae, conds, out_dir):
+    return train(unet, vae, positive=conds[0], negative=conds[1])
+
+
+def test_train_node_runs_on_a_comfy_model_and_saves_under_output_loras(trained, out_dir):
+    model, lora, curve, preview = trained
+    path = out_dir / "loras" / "draft_test.safetensors"          # '../' stripped from the name
+    assert path.exists() and (out_dir / "loras" / "draft_test.state.pt").exists()
+    assert lora and all(k.startswith("diffusion_model.") for k in lora)
+    assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))   # it trained
+    assert curve.ndim == 4 and curve.shape[-1] == 3 and preview.shape == (1, 64, 64, 3)
+
+
+def test_saved_lora_loads_through_stock_loraloader_with_zero_missing_keys(comfy, unet, trained, caplog):
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        patched = comfy.LoraLoaderModelOnly().load_lora_model_only(unet, "draft_test.safetensors", 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    n_modules = len([k for k in trained[1] if k.endswith(".alpha")])
+    assert len(patched.patches) == n_modules > 0
+
+
+def test_trained_model_samples_through_stock_ksampler(comfy, unet, conds, trained):
+    base, tuned = sample(comfy, unet, conds), sample(comfy, trained[0], conds)
+    assert torch.isfinite(tuned).all() and tuned.shape == base.shape
+    assert not torch.allclose(base, tuned)
+
+
+def test_apply_and_mix_reward_lora_on_comfy_models(comfy, unet, conds, trained):
+    lora = trained[1]
+    with torch.inference_mode():
+        half = tn.RewardLabApplyRewardLoRA().apply(unet, lora, 0.5)[0]
+        neg = tn.RewardLabApplyRewardLoRA().apply(unet, lora, -1.0)[0]
+        mixed, mixed_lora = tn.RewardLabMixRewardLoRAs().mix(unet, lora, 0.25, lora, 0.25)
+    base = sample(comfy, unet, conds)
+    # strength 0.5 and the 0.25 + 0.25 mix are the same ΔW (up to weight-dtype rounding of the merge)
+    s_half = sample(comfy, half, conds)
+    torch.testing.assert_close(s_half, sample(comfy, mixed, conds), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(s_half, base, atol=1e-3)
+    assert not torch.allclose(sample(comfy, neg, conds), base, atol=1e-3)
+    assert mixed_lora["diffusion_model." + next(iter(lora)).split("diffusion_model.")[1].rsplit(".lora_", 1)[0]
+                      .rsplit(".alpha", 1)[0] + ".lora_up.weight"].shape[1] == 4       # ranks concatenated (2 + 2)
+
+
+def test_clip_prompt_list_with_draft_lv(comfy, unet, vae, clip, out_dir):
+    model, lora, curve, preview = train(unet, vae, clip=clip, prompts="a red square\na blue circle", batch_size=2,
+                                        method="DRaFT-LV", training_steps=2, save_every=0, name="draft_lv_test")
+    assert (out_dir / "loras" / "draft_lv_test.safetensors").exists()
+    assert preview.shape[1] > 64                                 # a grid of the 2 × n images
