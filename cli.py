@@ -63,7 +63,11 @@ def demo_sample(args):
 
 def cmd_demo(args):
     """``rewardlab demo``: the whole loop on the embedded model, no downloads."""
-    return demo_sample(args)
+    result = demo_sample(args)
+    if args.train_steps > 0:        # stage 2: DRaFT-train a LoRA on a weight-free reward (training/cli.py)
+        from .training.cli import demo_training
+        result["draft"] = demo_training(str(Path(args.out) / "draft"), train_steps=args.train_steps, seed=args.seed)
+    return result
 
 
 def add_demo_parser(subparsers):
@@ -76,6 +80,7 @@ def add_demo_parser(subparsers):
     p.add_argument("--sampler", default="euler", help="step function: euler, ddim, euler_ancestral, dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written PNGs")
+    p.add_argument("--train-steps", type=int, default=60, help="DRaFT training steps of stage 2 (0: skip)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -86,6 +91,8 @@ def build_parser():
     add_demo_parser(subparsers)
     from .batch.cli import add_run_subcommand  # rewardlab run: batch runs on a ComfyUI server
     add_run_subcommand(subparsers)
+    from .training.cli import add_train_command  # rewardlab train: DRaFT LoRA training
+    add_train_command(subparsers)
     return parser
 
 
