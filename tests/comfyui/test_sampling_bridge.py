@@ -18,6 +18,14 @@ def _zeros():
     return {"samples": torch.zeros(1, 4, 8, 8)}
 
 
+@pytest.fixture(scope="module")
+def flow_unet(comfy, unet):
+    """The tiny UNet under stock ModelSamplingSD3: CONST (flow-matching) sampling with shift 3, as SD3 uses."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    with torch.inference_mode():
+        return ModelSamplingSD3().patch(unet, 3.0)[0]
+
+
 def _stock_ksampler(comfy, model, conds, sampler_name, seed=SEED):
     with torch.inference_mode():
         out = comfy.KSampler().sample(model, seed, STEPS, CFG, sampler_name, "normal", conds[0], conds[1], _zeros())
@@ -41,6 +49,16 @@ def test_runner_sampler_matches_stock_ksampler(comfy, unet, conds, name):
     assert isinstance(RewardLabSampler().get_sampler(name, -1.0)[0], __import__("comfy.samplers").samplers.Sampler)
     assert ref.abs().max() > 0.1                      # a real sample, not a degenerate zero
     assert (ours - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral"])
+def test_runner_sampler_matches_stock_ksampler_on_a_flow_model(comfy, flow_unet, conds, name):
+    info = hs.model_info(flow_unet)
+    assert info.flow and info.prediction == "CONST" and info.sigma_max == pytest.approx(1.0)
+    ref = _stock_ksampler(comfy, flow_unet, conds, name)          # stock picks its RF ancestral variant itself
+    ours = _custom_advanced(comfy, flow_unet, conds, _custom_nodes().Noise_RandomNoise(SEED),
+                            RewardLabSampler().get_sampler(name, -1.0)[0])
+    assert ref.abs().max() > 0.1 and (ours - ref).abs().max() <= 1e-4
 
 
 def test_trajectory_equals_stock_sampler_and_returns_x0(comfy, unet, conds):

@@ -7,7 +7,7 @@ import torch
 
 from rewardlab.nodes import host_sampling as hs
 from rewardlab.samplers.runner import Policy
-from rewardlab.training.lora import lora_state_dict
+from rewardlab.training.lora import kohya_key, lora_state_dict
 
 CFG = 3.0
 
@@ -105,6 +105,9 @@ def test_saved_lora_loads_through_stock_loader_with_every_key(comfy, unet, conds
         loaded = comfy.LoraLoaderModelOnly().load_lora_model_only(unet, "bridge_test.safetensors", 1.0)[0]
     assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
     assert set(loaded.patches) == {f"diffusion_model.{n}.weight" for n in adapters}
+    # the A1111/kohya spelling (lora_unet_<ldm name with underscores>) maps onto the same layers
+    kohya = comfy_lora_patches(unet, lora_state_dict(adapters, key=kohya_key))
+    assert "lora key not loaded" not in caplog.text and kohya == set(loaded.patches)
 
     stock = _stock_euler(comfy, loaded, conds)
     with torch.no_grad():
@@ -116,6 +119,11 @@ def test_saved_lora_loads_through_stock_loader_with_every_key(comfy, unet, conds
     assert (stock - ours).abs().max() <= 1e-4                                   # and means the same in both hosts
     half = hs.apply_lora_state_dict(unet, sd, 0.5)
     assert set(half.patches) == set(loaded.patches) and (_stock_euler(comfy, half, conds) - stock).abs().max() > 1e-3
+
+
+def comfy_lora_patches(model, sd):
+    with torch.inference_mode():
+        return set(hs.apply_lora_state_dict(model, sd).patches)
 
 
 def test_grad_ready_rejects_unknown_wrapper_keys(comfy, unet):
