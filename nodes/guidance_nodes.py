@@ -5,6 +5,8 @@ Weights are ComfyUI cfg values (D = D_u + cfg·(D_c - D_u); 1 = no guidance). Ev
 with an optional GUIDANCE_SCHEDULE socket beside it: a connected schedule wins. Progress runs 0 at the first
 (noisiest) step to 1 at the last. The comfy-facing code lives in guidance_comfy.py, imported when a node runs.
 """
+import math
+
 from ..samplers import guidance as g
 
 CATEGORY = "RewardLab/Guidance"
@@ -396,7 +398,7 @@ class RewardLabPlotGuidanceSchedule:
     FUNCTION = "plot"
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("by_step", "by_sigma")
-    OUTPUT_TOOLTIPS = ("cfg per sampling step.", "cfg against σ (EDM units), noisiest on the right.")
+    OUTPUT_TOOLTIPS = ("cfg per sampling step.", "cfg against log10 σ (EDM units), noisiest on the right.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -410,8 +412,10 @@ class RewardLabPlotGuidanceSchedule:
         from ..plots import line_plot
         values, sigma_edm = _comfy().schedule_values(model, sigmas, weight(cfg, cfg_schedule))
         by_step = line_plot({"cfg": values}, title="guidance weight by step", xlabel="step", ylabel="cfg")
-        by_sigma = line_plot({"cfg": values}, title="guidance weight by σ", xlabel="σ (EDM units)", ylabel="cfg",
-                             x=sigma_edm)
+        # log σ: the noisy end spans decades; the plot font has no Greek letters
+        log_sigma = [math.log10(max(s, 1e-6)) for s in sigma_edm]
+        by_sigma = line_plot({"cfg": values}, title="guidance weight by sigma", xlabel="log10 sigma (EDM units)",
+                             ylabel="cfg", x=log_sigma)
         return (by_step, by_sigma)
 
 
