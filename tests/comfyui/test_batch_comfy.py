@@ -102,17 +102,27 @@ def tiny(api, info):
     return api
 
 
-@pytest.mark.parametrize("name", ["score_and_rank", "guidance_model_patch"])
+SMALL = ["EmptyLatentImage.width=64", "EmptyLatentImage.height=64"]
+RUNS = {  # small settings and a two-value seed sweep per workflow
+    "score_and_rank": SMALL + ["EmptyLatentImage.batch_size=2", "KSampler.steps=2", "KSampler.seed=[1, 2]"],
+    "guidance_model_patch": SMALL + ["KSampler.steps=2", "KSampler.seed=[1, 2]"],
+    "reno_noise": SMALL + ["RewardLabReNOOptimiseNoise.iterations=2", "RewardLabReNOOptimiseNoise.seed=[1, 2]"],
+    "noise_search": SMALL + ["RewardLabNoiseSearch.steps=2", "BasicScheduler.steps=2", "RewardLabNoiseSearch.budget=2",
+                             "RewardLabNoiseSearch.seed=[1, 2]"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
 def test_workflow_runs_end_to_end_through_rewardlab_run(name, server, info, tmp_path, capsys):
     with open(os.path.join(REPO, "workflows", "api", f"{name}.json")) as f:
         api = tiny(json.load(f), info)
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(api))
     out = tmp_path / "out"
-    args = [str(path), "--server", server.url, "--set", "EmptyLatentImage.width=64", "--set",
-            "EmptyLatentImage.height=64", "--set", "EmptyLatentImage.batch_size=2", "--set", "KSampler.steps=2",
-            "--set", "KSampler.seed=[1, 2]", "--out", str(out), "--score", "brightness", "--no-progress",
+    args = [str(path), "--server", server.url, "--out", str(out), "--score", "brightness", "--no-progress",
             "--poll", "1", "--timeout", "300"]
+    for assignment in RUNS[name]:
+        args += ["--set", assignment]
     assert cli.main(args) == 0, capsys.readouterr().err
     records = Manifest(str(out)).load()
     assert len(records) == 2 and all(r["status"] == "success" for r in records.values())
