@@ -172,6 +172,52 @@ def test_text_encoder_is_bidirectional_and_ignores_padding(reward, images):
     torch.testing.assert_close(shorter(x, "a photo of a cat"), reward(x, "a photo of a cat"), rtol=1e-5, atol=1e-5)
 
 
+def med_bert_by_hand(state, input_ids, attention_mask, image_tokens, heads=4, eps=1e-12):
+    """BLIP's med.py text encoder written out: post-LayerNorm BERT layers (bidirectional self-attention with the
+    padding mask, cross-attention to all image tokens, GELU feed-forward), from the checkpoint tensors."""
+    import torch.nn.functional as F
+
+    def linear(x, name):
+        return F.linear(x, state[name + ".weight"], state[name + ".bias"])
+
+    def norm(x, name):
+        return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
+
+    def attention(x, context, name, mask):
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = (split(linear(src, f"{name}.self.{p}")) for src, p in ((x, "query"), (context, "key"), (context, "value")))
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask).softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(x.shape)
+        return norm(linear(out, f"{name}.output.dense") + x, f"{name}.output.LayerNorm")
+
+    positions = torch.arange(input_ids.shape[1])
+    h = norm(state["embeddings.word_embeddings.weight"][input_ids] + state["embeddings.position_embeddings.weight"][positions],
+             "embeddings.LayerNorm")
+    pad_mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")})
+    for i in layers:
+        name = f"encoder.layer.{i}"
+        h = attention(h, h, f"{name}.attention", pad_mask)
+        h = attention(h, image_tokens, f"{name}.crossattention", 0.0)
+        h = norm(linear(F.gelu(linear(h, f"{name}.intermediate.dense")), f"{name}.output.dense") + h, f"{name}.output.LayerNorm")
+    return h
+
+
+def test_blip_text_model_computes_bert_with_cross_attention_as_in_med(reward):
+    """BlipTextModel called with is_decoder=False is exactly med.py's encoder, so ImageReward.pt maps key for key."""
+    torch.manual_seed(3)
+    input_ids, attention_mask = reward.tokenize(["a photo of a cat", "an astronaut riding a horse on the moon"])
+    image_tokens = torch.randn(2, 197, VISION["embed_dim"])
+    with torch.no_grad():
+        ours = reward.blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                        encoder_hidden_states=image_tokens, is_decoder=False).last_hidden_state
+        by_hand = med_bert_by_hand(reward.blip.text_encoder.state_dict(), input_ids, attention_mask, image_tokens)
+    keep = attention_mask.bool()   # padded positions are never read
+    torch.testing.assert_close(ours[keep], by_hand[keep], rtol=1e-4, atol=1e-4)
+
+
 def test_registry_entry_finds_the_tokenizer_next_to_the_weights(weights_file, reference, tokenizer, images):
     """The real 'imagereward' entry (tiny config): ImageReward.pt found in the reward folder, vocab.txt beside it."""
     registry.register(dataclasses.replace(registry.get_spec("imagereward"), name="imagereward-tiny-test",
