@@ -20,6 +20,7 @@ class ModelBundle:
     flow = False
     device = torch.device("cpu")
     latent_shape = None
+    lora_key = staticmethod(lora_mod.comfy_key)    # module name -> LoRA file key prefix
 
     def sigmas(self, steps, scheduler):
         raise NotImplementedError
@@ -57,11 +58,13 @@ class TorchBundle(ModelBundle):
     decode:       latents -> images in [0, 1]
     model_sigmas: the σ table of a discrete model (None for flow models, which pass ``flow_shift``)
     lora_root:    the module whose Linear/Conv2d layers get adapters (default: ``model``)
+    lora_key:     module name -> file key prefix (default ``diffusion_model.<name>``; diffusers UNets use
+                  ``lora.kohya_key``, which ComfyUI maps onto its own module names for SD/SDXL)
     checkpoint_decode: recompute the decoder in backward instead of storing its activations
     """
 
     def __init__(self, model, encode, decode, latent_shape, model_sigmas=None, flow_shift=None, lora_root=None,
-                 device=None, checkpoint_decode=False):
+                 device=None, checkpoint_decode=False, lora_key=None):
         self.model = model
         self._encode, self._decode = encode, decode
         self.latent_shape = tuple(latent_shape)
@@ -70,6 +73,8 @@ class TorchBundle(ModelBundle):
         self.lora_root = lora_root if lora_root is not None else model
         self.device = torch.device(device) if device is not None else _module_device(model)
         self.checkpoint_decode = checkpoint_decode
+        if lora_key is not None:
+            self.lora_key = lora_key
         self._uncond = {}
 
     def sigmas(self, steps, scheduler):
@@ -167,4 +172,4 @@ def diffusers_bundle(path, device="cpu", dtype=torch.float32, height=None, width
     den = DiscreteDenoiser.from_scheduler(unet, sched).to(device)
     shape = (unet.config.in_channels, height // factor, width // factor)
     return TorchBundle(den, encode, decode, shape, model_sigmas=den.model_sigmas.cpu(), lora_root=unet, device=device,
-                       checkpoint_decode=checkpoint_decode)
+                       checkpoint_decode=checkpoint_decode, lora_key=lora_mod.kohya_key)

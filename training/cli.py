@@ -2,7 +2,7 @@
 
     rewardlab train --reward colourfulness --train-steps 200          # the embedded tiny model
     rewardlab train --model ./sd15-diffusers --reward hps-v2.1 --prompts prompts.txt --width 512 --height 512
-    torchrun --nproc_per_node 4 -m rewardlab.cli train --model ...    # data parallel (one process per GPU)
+    torchrun --nproc_per_node 4 "$(which rewardlab)" train --model ...   # data parallel (one process per GPU)
 
 Writes <out>/<name>.safetensors (ComfyUI LoRA keys) + <name>.state.pt, <name>_curve.png, <name>_before.png,
 <name>_after.png and <name>_log.json.

@@ -415,13 +415,17 @@ class Trainer:
                 "log": self.log, "best_heldout": self.best_heldout, "bad_evals": self.bad_evals,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
+    def lora_state_dict(self):
+        """The trained LoRA in the bundle's file key format."""
+        return lora_state_dict(self.adapters, key=self.bundle.lora_key)
+
     def save(self, path=None):
         """Write the LoRA (ComfyUI keys) and the state beside it, atomically. Only rank 0 writes."""
         path = path or self.lora_path
         if path is None or self.rank != 0:
             return path
         meta = {"rewardlab_method": self.cfg.method, "rewardlab_step": self.step, "rewardlab_rank": self.cfg.rank}
-        ckpt.save_checkpoint(lora_state_dict(self.adapters), self.state_dict(), path, meta)
+        ckpt.save_checkpoint(self.lora_state_dict(), self.state_dict(), path, meta)
         self.saved_step = self.step
         return path
 
@@ -429,7 +433,7 @@ class Trainer:
         """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log."""
         path = path or self.lora_path
         sd, state = ckpt.load_checkpoint(path)
-        load_lora_state_dict(self.adapters, sd)
+        load_lora_state_dict(self.adapters, sd, key=self.bundle.lora_key)
         if state is None:
             return self
         if state.get("seed") != self.cfg.seed or state.get("method") != self.cfg.method:
