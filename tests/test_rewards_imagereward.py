@@ -218,6 +218,41 @@ def test_blip_text_model_computes_bert_with_cross_attention_as_in_med(reward):
     torch.testing.assert_close(ours[keep], by_hand[keep], rtol=1e-4, atol=1e-4)
 
 
+def blip_vit_by_hand(state, pixels, heads=4, patch=16, eps=1e-6):
+    """BLIP's vit.py written out: patch conv, [CLS] + learned positions, pre-norm blocks (qkv attention, GELU MLP),
+    final LayerNorm; all tokens returned."""
+    import torch.nn.functional as F
+
+    def norm(x, name):
+        return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
+
+    x = F.conv2d(pixels, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([state["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + state["pos_embed"]
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    for i in blocks:
+        b = f"blocks.{i}"
+        B, N, C = x.shape
+        qkv = F.linear(norm(x, f"{b}.norm1"), state[f"{b}.attn.qkv.weight"], state[f"{b}.attn.qkv.bias"])
+        q, k, v = qkv.reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(-1)
+        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = x + F.linear(out, state[f"{b}.attn.proj.weight"], state[f"{b}.attn.proj.bias"])
+        hidden = F.gelu(F.linear(norm(x, f"{b}.norm2"), state[f"{b}.mlp.fc1.weight"], state[f"{b}.mlp.fc1.bias"]))
+        x = x + F.linear(hidden, state[f"{b}.mlp.fc2.weight"], state[f"{b}.mlp.fc2.bias"])
+    return norm(x, "norm")
+
+
+def test_timm_vit_computes_the_blip_vit(reward):
+    """timm's VisionTransformer as built here is BLIP's create_vit, so blip.visual_encoder.* maps key for key."""
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = reward.blip.visual_encoder.forward_features(pixels)
+        by_hand = blip_vit_by_hand(reward.blip.visual_encoder.state_dict(), pixels)
+    assert ours.shape == (2, 197, VISION["embed_dim"])
+    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4)
+
+
 def test_registry_entry_finds_the_tokenizer_next_to_the_weights(weights_file, reference, tokenizer, images):
     """The real 'imagereward' entry (tiny config): ImageReward.pt found in the reward folder, vocab.txt beside it."""
     registry.register(dataclasses.replace(registry.get_spec("imagereward"), name="imagereward-tiny-test",
