@@ -92,8 +92,11 @@ def register_reward_folder():
     if fp is None:
         return None
     path = os.path.join(fp.models_dir, REWARD_FOLDER)
-    if REWARD_FOLDER not in fp.folder_names_and_paths:
-        fp.folder_names_and_paths[REWARD_FOLDER] = ([path], set(fp.supported_pt_extensions) | {".json"})
+    # extra_model_paths.yaml may have created the key already (with only the user's folders): keep the default too.
+    paths, extensions = fp.folder_names_and_paths.get(REWARD_FOLDER, ([], set()))
+    if path not in paths:
+        paths.append(path)
+    fp.folder_names_and_paths[REWARD_FOLDER] = (paths, set(extensions) | set(fp.supported_pt_extensions) | {".json"})
     return path
 
 
