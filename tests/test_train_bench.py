@@ -1,0 +1,17 @@
+"""bench/draft_step.py runs end to end on CPU with --tiny and prints one JSON record per measurement."""
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "draft_step.py"
+
+
+def test_draft_step_bench_tiny_smoke(capsys):
+    spec = importlib.util.spec_from_file_location("draft_step_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--tiny", "--reps", "1", "--batches", "2", "--ks", "1", "50", "--steps", "3", "--no-trl"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    steps = [r for r in records if r["what"] == "rewardlab_step"]
+    assert [(r["method"], r["K"]) for r in steps] == [("draft_k", 1), ("draft_k", 3), ("draft_lv", 1)]
+    assert all(r["min_s"] > 0 and r["B"] == 2 for r in steps)
