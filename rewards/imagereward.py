@@ -37,7 +37,8 @@ USED_PREFIXES = ("blip.visual_encoder.", "blip.text_encoder.", "mlp.layers.")
 LAYOUT = ("flat state dict of ImageReward.pt (THUDM/ImageReward): blip.visual_encoder.* (BLIP ViT-L/16, timm names), "
           "blip.text_encoder.* (BLIP med.py BERT with crossattention), mlp.layers.{0,2,4,6,7}.{weight,bias}")
 TOKENIZER_HELP = ("ImageReward needs the bert-base-uncased tokenizer: put its vocab.txt (huggingface.co/google-bert/"
-                  "bert-base-uncased, Apache-2.0) next to the ImageReward weights or in a 'bert-base-uncased' folder there")
+                  "bert-base-uncased, Apache-2.0) next to the ImageReward weights or in a 'bert-base-uncased' folder "
+                  "there or beside their folder")
 
 
 class ImageReward(Reward):
@@ -155,11 +156,13 @@ def load(name, config, files):
 
 def bert_tokenizer(folder=None, hf_cache=True):
     """BLIP's tokenizer from local files only: BERT (uncased) WordPiece from ``vocab.txt``, plus the two tokens BLIP
-    adds ([DEC] as bos, [ENC]); ImageReward keeps [CLS] first. Searches ``folder``, ``folder``/bert-base-uncased,
-    then (``hf_cache``) an already downloaded bert-base-uncased in the Hugging Face cache."""
+    adds ([DEC] as bos, [ENC]); ImageReward keeps [CLS] first. Searches ``folder``, a 'bert-base-uncased' folder
+    inside it or beside it (e.g. models/rewards/bert-base-uncased for models/rewards/imagereward/ImageReward.pt), then
+    (``hf_cache``) an already downloaded bert-base-uncased in the Hugging Face cache."""
     from transformers import BertTokenizer
 
-    candidates = [f for f in (folder, folder and os.path.join(folder, "bert-base-uncased")) if f]
+    places = (folder, os.path.join(folder, "bert-base-uncased"), os.path.join(os.path.dirname(folder), "bert-base-uncased"))
+    candidates = list(dict.fromkeys(places)) if folder else []
     for candidate in candidates:
         vocab = os.path.join(candidate, "vocab.txt")
         if os.path.isfile(vocab):

@@ -288,6 +288,13 @@ def test_mismatched_or_unsafe_files_give_clear_errors(tmp_path, reference, token
         imagereward.load_imagereward(str(evil), VISION, text_config(tokenizer), tokenizer)
 
 
+def test_tokenizer_is_found_in_a_bert_folder_beside_the_weights_folder(tmp_path):
+    (tmp_path / "bert-base-uncased").mkdir()
+    (tmp_path / "bert-base-uncased" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tok = imagereward.bert_tokenizer(str(tmp_path / "imagereward"), hf_cache=False)
+    assert tok("a red dog")["input_ids"] == [3, 6, 21, 17, 4]   # [CLS] a red dog [SEP]
+
+
 def test_missing_tokenizer_names_the_file_to_add(tmp_path, monkeypatch):
     with pytest.raises(RewardWeightsError, match="vocab.txt"):
         imagereward.bert_tokenizer(str(tmp_path), hf_cache=False)
