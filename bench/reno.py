@@ -176,7 +176,23 @@ def timed(fn, device):
 
 
 def maybe_compile(module, mode):
-    return module if mode == "none" else torch.compile(module, mode=None if mode == "default" else mode)
+    """torch.compile with inductor (default / reduce-overhead = CUDA graphs / max-autotune), or the aot_eager
+    backend, which traces forward + backward without code generation (a quick CPU check of graph capture)."""
+    if mode == "none":
+        return module
+    if mode == "aot_eager":
+        return torch.compile(module, backend="aot_eager")
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def compile_towers(reward, mode):
+    """Compile each member's image tower: open_clip rewards call ``.visual``, PickScore calls
+    ``clip.vision_model`` (through get_image_features). Text features are cached, so text towers stay eager."""
+    for r in reward.members:
+        if hasattr(r, "visual"):
+            r.visual = maybe_compile(r.visual, mode)
+        elif hasattr(getattr(r, "clip", None), "vision_model"):
+            r.clip.vision_model = maybe_compile(r.clip.vision_model, mode)
 
 
 def run_sd21(args, device, dtype):
@@ -200,10 +216,7 @@ def run_sd21(args, device, dtype):
     # RewardLab: the library loop, optionally with compiled UNet / decoder / reward towers.
     unet_c = maybe_compile(unet, args.compile)
     vae.decoder = maybe_compile(vae.decoder, args.compile)
-    for r in reward.members:
-        for name in ("visual", "clip", "model"):
-            if hasattr(r, name) and isinstance(getattr(r, name), torch.nn.Module):
-                setattr(r, name, maybe_compile(getattr(r, name), args.compile))
+    compile_towers(reward, args.compile)
     chain = Chain(Denoiser(unet_c, dtype).to(device), sigmas, decode=make_decode(vae, dtype), step="euler",
                   extra_args=extra, channels=4)
     if args.compile != "none":      # warm-up compiles outside the timing (2 iterations: forward + backward)
@@ -230,6 +243,8 @@ def run_sdxl(args, device, dtype):
     unet, vae = build_unet(unet_cfg, device, dtype), build_vae(vae_cfg, device, dtype)
     reward = build_rewards(args.tiny, device, dtype)
     denoiser = Denoiser(maybe_compile(unet, args.compile), dtype).to(device)
+    vae.decoder = maybe_compile(vae.decoder, args.compile)
+    compile_towers(reward, args.compile)
     size = unet_cfg["sample_size"]
     noise = torch.randn(args.batch, 4, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     sigmas = sigma_schedule("trailing", 4, denoiser.model_sigmas.cpu()).to(device)
@@ -247,7 +262,7 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=None, help="default 50 (3 with --tiny)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune"), default="none")
+    p.add_argument("--compile", choices=("none", "default", "reduce-overhead", "max-autotune", "aot_eager"), default="none")
     p.add_argument("--checkpoint-reward", action="store_true", help="recompute decoder + rewards in backward")
     p.add_argument("--checkpoint-steps", action="store_true", help="recompute the UNet call in backward")
     p.add_argument("--skip-baseline", action="store_true")
