@@ -33,8 +33,10 @@ DEFAULT_UNET = dict(
 )
 DEFAULT_TEXT = dict(vocab_size=len(VOCAB), max_length=16, dim=64, layers=1, heads=4)
 # Linear DDPM betas (Ho et al. 2020): the usual choice for pixel space, where σ_max ≈ 157 leaves no signal.
+# v-prediction, not ε: with ε an error at σ ≈ 157 reaches x̂0 multiplied by σ, and a briefly trained UNet
+# (measured: ε-MSE 0.27 at high σ after 200 steps) then samples pure noise; v's x̂0 error stays O(1).
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                        prediction_type="epsilon")
+                        prediction_type="v_prediction")
 
 
 def ddpm_scheduler(schedule=DEFAULT_SCHEDULE):
@@ -138,8 +140,9 @@ def save_tiny(unet, text, out_dir, extra=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scheduler = ddpm_scheduler()
-    config = dict(unet={k: v for k, v in unet.config.items() if not k.startswith("_")}, text=text.config,
-                  patch=PATCH, schedule=DEFAULT_SCHEDULE, vocab=list(VOCAB), alphas_cumprod=scheduler.alphas_cumprod.tolist(), **(extra or {}))
+    unet_config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config = dict(unet=unet_config, text=text.config, patch=PATCH, schedule=DEFAULT_SCHEDULE, vocab=list(VOCAB),
+                  alphas_cumprod=scheduler.alphas_cumprod.tolist(), **(extra or {}))
     save_file(state_dict_for_saving(unet, text), str(out_dir / WEIGHTS.name))
     (out_dir / CONFIG.name).write_text(json.dumps(config, indent=1))
     return out_dir / WEIGHTS.name
