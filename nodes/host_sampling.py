@@ -67,12 +67,6 @@ def is_grad_ready(model_patcher):
     return all(k in model_patcher.weight_wrapper_patches for k in _wrappable_keys(model_patcher))
 
 
-def diffusion_model_weights(model_patcher):
-    """{ldm module name: weight} of the diffusion model's Linear/Conv layers (names as in LoRA files)."""
-    dm = model_patcher.model.diffusion_model
-    return {n: m.weight for n, m in dm.named_modules() if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None}
-
-
 def inject_lora(model_patcher, rank=8, alpha=None, targets=ATTENTION_TARGETS, init="default"):
     """Grad-ready clone of a MODEL with a trainable ``training.lora.LoRA`` on every matching diffusion-model layer.
 

@@ -37,8 +37,9 @@ def pytest_collection_modifyitems(config, items):
 # --- in-process ComfyUI --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def comfy():
-    """ComfyUI importable in this process, on CPU. Returns its ``nodes`` module (the stock node classes)."""
+def comfy(tmp_path_factory):
+    """ComfyUI importable in this process, on CPU, writing only into temp dirs. Returns its ``nodes`` module (the
+    stock node classes). Run tests/comfyui on its own: comfy stays imported for the rest of a pytest session."""
     # one thread: the tiny models gain nothing from more, and a shared 2-core box thrashes with OpenMP spinning
     torch.set_num_threads(int(os.environ.get("REWARDLAB_TEST_THREADS", "1")))
     path = str(Path(COMFYUI_PATH).resolve())
@@ -51,7 +52,12 @@ def comfy():
     from comfy.cli_args import args
     args.cpu = True                                  # must precede comfy.model_management (no CUDA here)
     import comfy.model_management  # noqa: F401
+    import folder_paths
     import nodes
+    io_root = tmp_path_factory.mktemp("comfy_io")
+    for kind in ("output", "temp", "input"):
+        (io_root / kind).mkdir()
+        getattr(folder_paths, f"set_{kind}_directory")(str(io_root / kind))
     return nodes
 
 

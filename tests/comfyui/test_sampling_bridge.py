@@ -32,13 +32,13 @@ def _stock_ksampler(comfy, model, conds, sampler_name, seed=SEED):
     return out[0]["samples"]
 
 
-def _custom_advanced(comfy, model, conds, noise, sampler):
+def _custom_advanced(comfy, model, conds, noise, sampler, latent=None, denoise=1.0):
     """Stock SamplerCustomAdvanced + CFGGuider + BasicScheduler around a given NOISE and SAMPLER."""
     cs = _custom_nodes()
     with torch.inference_mode():
         guider = cs.CFGGuider().get_guider(model, conds[0], conds[1], CFG)[0]
-        sigmas = cs.BasicScheduler().get_sigmas(model, "normal", STEPS, 1.0)[0]
-        return cs.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, _zeros())[0]["samples"]
+        sigmas = cs.BasicScheduler().get_sigmas(model, "normal", STEPS, denoise)[0]
+        return cs.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent or _zeros())[0]["samples"]
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2m"])
@@ -59,6 +59,21 @@ def test_runner_sampler_matches_stock_ksampler_on_a_flow_model(comfy, flow_unet,
     ours = _custom_advanced(comfy, flow_unet, conds, _custom_nodes().Noise_RandomNoise(SEED),
                             RewardLabSampler().get_sampler(name, -1.0)[0])
     assert ref.abs().max() > 0.1 and (ours - ref).abs().max() <= 1e-4
+
+
+def test_runner_sampler_matches_stock_on_masked_img2img(comfy, unet, conds):
+    """A non-empty latent (process_latent_in, σ0 < σ_max so no max-denoise scaling) with a noise_mask and denoise 0.6."""
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, 4:] = 1.0
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=g), "noise_mask": mask}
+    with torch.inference_mode():
+        ref = comfy.KSampler().sample(unet, SEED, STEPS, CFG, "euler", "normal", conds[0], conds[1], latent,
+                                      denoise=0.6)[0]["samples"]
+    ours = _custom_advanced(comfy, unet, conds, _custom_nodes().Noise_RandomNoise(SEED),
+                            RewardLabSampler().get_sampler("euler", -1.0)[0], latent=latent, denoise=0.6)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert (ours[..., :4] - latent["samples"][..., :4]).abs().max() <= 1e-4    # the masked-out half is kept
 
 
 def test_trajectory_equals_stock_sampler_and_returns_x0(comfy, unet, conds):
