@@ -3,9 +3,10 @@ held-out prompts (fixed seeds; measured numbers asserted with a margin)."""
 import pytest
 import torch
 
-from rewardlab.rewards import load_reward
+from rewardlab.rewards.simple import SimpleReward, brightness
 from rewardlab.training.bundle import tiny_bundle
 from rewardlab.training.draft import DraftConfig, Trainer
+from rewardlab.training.lora import remove_lora
 
 TRAIN = ["a red circle on a blue background", "a green square on a white background",
          "a yellow cross on a black background"]
@@ -34,19 +35,36 @@ def model():
 @pytest.mark.parametrize("method", ["draft_k", "draft_lv"])
 def test_draft_raises_a_weight_free_reward_on_train_and_heldout_prompts(model, method):
     torch.manual_seed(0)
-    reward = load_reward("colourfulness")
+    reward = SimpleReward("darkness", lambda x: 1 - brightness(x))    # weight-free; room to grow on this model
     # "simple" spacing keeps the last step at a sizeable σ, so one grad step (K=1) can move the image
-    cfg = DraftConfig(method=method, k=1, lv_n=2, steps=4, scheduler="simple", cfg=2.0, batch_size=2, lr=3e-3,
-                      rank=4, targets=None, train_steps=24, seed=0, heldout_every=12)
+    cfg = DraftConfig(method=method, k=1, lv_n=2, steps=3, scheduler="simple", cfg=2.0, batch_size=2, lr=3e-3,
+                      rank=4, targets=None, train_steps=16, seed=0, heldout_every=8)
     tr = Trainer(tiny_bundle(model), reward, cfg, prompts=TRAIN, heldout=HELDOUT)
-    before_train, before_held = tr.evaluate(TRAIN), tr.evaluate()
-    result = tr.train()
-    after_train, after_held = tr.evaluate(TRAIN), tr.evaluate()
+    try:
+        before_train, before_held = tr.evaluate(TRAIN), tr.evaluate()
+        result = tr.train()
+        after_train, after_held = tr.evaluate(TRAIN), tr.evaluate()
+        lora_off = tr.evaluate(TRAIN, scale=0.0)
+    finally:
+        remove_lora(model.unet, tr.adapters)          # the module-scoped model goes back to its base weights
     print(method, before_train, after_train, before_held, after_held)
-    assert result.status == "completed" and len(result.log) == 24
+    assert result.status == "completed" and len(result.log) == 16
     assert after_train > before_train + 0.1
     assert after_held > before_held + 0.1
     assert [r["heldout_reward"] for r in result.log if "heldout_reward" in r] == pytest.approx(
-        [result.log[11]["heldout_reward"], after_held])
-    with torch.no_grad():          # LoRA scale 0 is the untouched base model
-        assert tr.evaluate(TRAIN, scale=0.0) == pytest.approx(before_train, abs=1e-6)
+        [result.log[7]["heldout_reward"], after_held])
+    assert lora_off == pytest.approx(before_train, abs=1e-6)     # LoRA scale 0 is the untouched base model
+
+
+def test_demo_training_writes_grids_curve_and_lora(model, tmp_path):
+    from rewardlab.training.cli import demo_training
+    lines = []
+    try:
+        summary = demo_training(str(tmp_path), train_steps=2, model=model, log=lines.append)
+    finally:
+        remove_lora(model.unet, {n: m.parametrizations.weight[0] for n, m in model.unet.named_modules()
+                                 if hasattr(m, "parametrizations")})
+    for key in ("lora", "before", "after", "curve"):
+        assert (tmp_path / summary[key].split("/")[-1]).exists()
+    assert summary["steps"] == 2 and "reward before" in lines[-1]
+    assert "reward_before" in summary and "reward_after" in summary

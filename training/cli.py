@@ -184,14 +184,15 @@ def run_train(args):
     return 0
 
 
-def demo_training(out_dir, train_steps=60, seed=0, reward_name="colourfulness", log=print):
+def demo_training(out_dir, train_steps=60, seed=0, reward_name="colourfulness", log=print, model=None):
     """The README demo: DRaFT-1 on the embedded tiny model against a weight-free reward, a couple of minutes on
-    two CPU cores. Writes before/after grids, the reward curve PNG and the LoRA; returns the summary."""
+    two CPU cores. Writes before/after grids, the reward curve PNG and the LoRA; returns the summary.
+    ``model``: a TinyModel to use instead of the shipped one (tests)."""
     from ..rewards import load_reward
     from .bundle import tiny_bundle
 
     torch.manual_seed(seed)
-    bundle = tiny_bundle()
+    bundle = tiny_bundle(model)
     config = DraftConfig(method="draft_k", k=1, steps=6, scheduler="simple", cfg=3.0, batch_size=4, lr=2e-3, rank=4,
                          targets=None, train_steps=train_steps, seed=seed, heldout_every=max(1, train_steps // 4),
                          save_every=max(1, train_steps // 2))
