@@ -12,7 +12,7 @@ from . import host_sampling as hs
 from ..training import checkpoints as ckpt
 from ..training.bundle import ModelBundle
 from ..training.draft import METHODS, DraftConfig, Trainer, TrainingStopped
-from ..training.lora import ATTENTION_TARGETS, mix_lora_state_dicts, lora_state_dict
+from ..training.lora import ATTENTION_TARGETS, mix_lora_state_dicts
 
 CATEGORY = "RewardLab/Training"
 METHOD_LABELS = {"DRaFT-K": "draft_k", "DRaFT-LV": "draft_lv", "DRaFT (full)": "draft", "AlignProp": "alignprop",
@@ -293,13 +293,13 @@ class RewardLabDRaFTTrainLoRA:
                     trainer.resume()
                 trainer.train()
             except TrainingStopped as stop:
-                hs.release(*[p for p in (bundle.patcher, bundle.vae_patcher) if p is not None])
                 if stop.reason == "cancelled":
-                    host.throw_if_interrupted()
+                    host.throw_if_interrupted()      # ComfyUI's own "interrupted" outcome
                 raise RuntimeError(str(stop)) from None
-            lora = lora_state_dict(trainer.adapters)
+            finally:                                 # also on an interrupt raised by the progress bar
+                hs.release(*[p for p in (bundle.patcher, bundle.vae_patcher) if p is not None])
+            lora = trainer.lora_state_dict()
             log, images = trainer.log, trainer.last_images
-        hs.release(bundle.patcher, bundle.vae_patcher)
         trained = hs.apply_lora_state_dict(model, lora, 1.0)
         preview = image_grid(images) if images is not None else torch.zeros(1, 64, 64, 3)
         return (trained, lora, curve_image(log), preview)

@@ -1,7 +1,6 @@
 """`rewardlab train` on a diffusers Stable Diffusion folder (a tiny random one written by the test: UNet, VAE,
 CLIP text encoder, a character-level CLIP tokenizer, DDPM scheduler; no downloads)."""
 import json
-import os
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 file loads through stock LoraLoaderModelOnly with zero missing keys, and the trained MODEL samples through stock
 KSampler. Also Apply / Mix Reward LoRA on ComfyUI MODELs and a CLIP + prompt-list run with DRaFT-LV."""
 import logging
-import os
 
 import pytest
 import torch
@@ -87,3 +86,22 @@ def test_clip_prompt_list_with_draft_lv(comfy, unet, vae, clip, out_dir):
                                         method="DRaFT-LV", training_steps=2, save_every=0, name="draft_lv_test")
     assert (out_dir / "loras" / "draft_lv_test.safetensors").exists()
     assert preview.shape[1] > 64                                 # a grid of the 2 × n images
+
+
+@pytest.mark.parametrize("family", ["v_prediction", "flow"])
+def test_train_node_on_v_prediction_and_flow_model_sampling(comfy, unet, vae, conds, out_dir, family):
+    from comfy_extras import nodes_model_advanced as adv
+    from rewardlab.nodes import host_sampling as hs
+    with torch.inference_mode():
+        if family == "flow":      # rectified-flow sampling (CONST, as SD3/Flux) through ComfyUI's model_sampling
+            patched = adv.ModelSamplingSD3().patch(unet, 3.0)[0]
+        else:
+            patched = adv.ModelSamplingDiscrete().patch(unet, "v_prediction", False)[0]
+    assert hs.model_info(patched).flow == (family == "flow")
+    model, lora, curve, preview = train(patched, vae, positive=conds[0], negative=conds[1], training_steps=2,
+                                        save_every=0, name=f"draft_{family}", width=64, height=48)
+    ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(v).all() for v in ups) and any(float(v.abs().max()) > 0 for v in ups)
+    assert preview.shape == (1, 48, 64, 3)                       # non-square: latent shape from width/height
+    out = sample(comfy, model, conds)
+    assert torch.isfinite(out).all()
