@@ -139,9 +139,11 @@ class ModelInfo:
 
 
 def _sampling_kind(model_sampling):
-    ms = _comfy("comfy.model_sampling")
-    for kind in ("CONST", "X0", "EDM", "V_PREDICTION", "EPS"):      # most derived first (EDM < V_PREDICTION < EPS)
-        if isinstance(model_sampling, getattr(ms, kind)):
+    """EPS, V_PREDICTION, EDM, X0 or CONST (flow), read from the model_sampling class's bases (ComfyUI composes
+    it as ``class ModelSampling(<schedule>, <prediction>)``), most derived first."""
+    bases = [c.__name__ for c in type(model_sampling).__mro__]
+    for kind in ("CONST", "IMG_TO_IMG", "X0", "EDM", "V_PREDICTION", "EPS"):
+        if kind in bases:
             return kind
     return type(model_sampling).__name__
 
@@ -234,15 +236,15 @@ class RunnerSampler:
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
-        samplers = _comfy("comfy.samplers")
         ms = model_wrap.inner_model.model_sampling
         flow = _sampling_kind(ms) == "CONST"
         x = ms.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        # KSamplerX0Inpaint applies a LATENT's noise_mask exactly as stock samplers do; without a mask it is a
-        # plain pass-through to the guider (which returns the CFG-combined x̂0).
-        denoiser = samplers.KSamplerX0Inpaint(_PinnedGuider(model_wrap), sigmas)
-        denoiser.latent_image, denoiser.noise = latent_image, noise
-        extra = dict(extra_args, denoise_mask=denoise_mask)
+        denoiser, extra = _PinnedGuider(model_wrap), dict(extra_args)    # the guider returns the CFG'd x̂0
+        if denoise_mask is not None:
+            # a LATENT's noise_mask (inpainting), applied exactly as stock samplers do
+            denoiser = _comfy("comfy.samplers").KSamplerX0Inpaint(denoiser, sigmas)
+            denoiser.latent_image, denoiser.noise = latent_image, noise
+            extra["denoise_mask"] = denoise_mask
         seed = self.seed if self.seed is not None else extra_args.get("seed")
         generator = self.generator or _generator(seed, x.device)
         total = len(sigmas) - 1
