@@ -187,3 +187,20 @@ def test_data_parallel_two_gloo_ranks_equal_one_process_accumulating(tmp_path):
     for k in ref:
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0)          # ranks stay in sync
         torch.testing.assert_close(r0[k], ref[k], rtol=1e-5, atol=1e-6)   # and equal the accumulated run
+
+
+def test_prompts_are_cycled_in_a_fresh_shuffled_order_each_epoch():
+    tr = trainer(batch_size=5)
+    epochs = [[tr._prompt(e * 5 + i) for i in range(5)] for e in range(3)]
+    assert all(sorted(ep) == sorted(PROMPTS) for ep in epochs)          # every prompt once per epoch
+    assert len({tuple(ep) for ep in epochs}) > 1                          # reshuffled between epochs
+    ordered = trainer(batch_size=5, shuffle=False)
+    assert [ordered._prompt(i) for i in range(7)] == PROMPTS + PROMPTS[:2]
+    assert tr.plan(3).prompts == trainer(batch_size=5).plan(3).prompts    # seeded: reproducible
+
+
+def test_training_uses_a_private_generator_not_the_global_rng():
+    tr = trainer(method="alignprop", k=4)
+    state = torch.random.get_rng_state()
+    tr.train(steps=2)
+    assert torch.equal(torch.random.get_rng_state(), state)
