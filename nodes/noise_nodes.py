@@ -269,17 +269,12 @@ class RewardLabNoiseSearch:
                method, budget, prompt="", search_seed=0, neighbours=4, step_size=0.25, branches=4, backtrack=1):
         extra = {"zero_order": dict(neighbours=neighbours, step_size=step_size),
                  "paths": dict(branches=branches, backtrack=backtrack)}.get(method, {})
-        bar = host.progress_bar(budget)
-
-        def progress(info):
-            if not host.interrupted():
-                bar.update_absolute(min(info["calls"], budget), budget,
-                                    host.preview_from_image(host.bchw_to_image(info["best_images"])))
 
         def body(chain, noise):
             with torch.no_grad():
                 return noise_search(method, chain, _DeviceReward(reward), noise, budget,
-                                    prompts=_prompts(prompt, noise.shape[0]), seed=search_seed, callback=progress,
+                                    prompts=_prompts(prompt, noise.shape[0]), seed=search_seed,
+                                    callback=_progress(budget, "calls"),
                                     cancel=host.interrupted, **extra)
 
         result, outputs = _run(model, positive, negative, vae, latent, steps, sampler, scheduler, cfg, seed, batch,
