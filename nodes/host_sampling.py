@@ -265,9 +265,6 @@ class RunnerSampler:
         return ms.inverse_noise_scaling(sigmas[-1], self.last.x)
 
 
-_MISSING = object()
-
-
 class _PinnedGuider:
     """Calls a guider; after sampling has finished, re-enters its sampling state first.
 
