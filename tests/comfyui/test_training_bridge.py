@@ -131,3 +131,26 @@ def test_grad_ready_rejects_unknown_wrapper_keys(comfy, unet):
         hs.grad_ready(unet, {"diffusion_model.nope.weight": lambda t: t})
     with pytest.raises(ValueError, match="matches LoRA targets"):
         hs.inject_lora(unet, targets=("no_such_layer",))
+
+
+def test_decode_values_match_stock_vae_decode_and_straight_through_keeps_gradient(comfy, vae):
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4)) * 4
+    with torch.inference_mode():
+        stock = vae.decode(latent)                                        # BHWC, clamped
+    with torch.no_grad():
+        hard = hs.decode(vae, latent, clamp="hard")
+    assert hard.shape == (1, 3, 64, 64) and (hard.movedim(1, -1) - stock).abs().max() <= 1e-5
+    with torch.inference_mode(), hs.grad_enabled():
+        vp = hs.grad_vae(vae)
+        grads, values = {}, {}
+        for clamp in ("straight_through", "hard", "none"):
+            z = latent.clone().requires_grad_(True)
+            img = hs.decode(vae, z, patcher=vp, clamp=clamp)
+            img.sum().backward()
+            grads[clamp], values[clamp] = z.grad, img.detach()
+        hs.release(vp)
+    saturated = (values["none"] < 0) | (values["none"] > 1)
+    assert saturated.any() and not saturated.all()                         # the case the choice is about
+    torch.testing.assert_close(values["straight_through"], values["hard"])    # same pixels as stock
+    torch.testing.assert_close(grads["straight_through"], grads["none"])      # gradient of the unclamped map
+    assert (grads["hard"] - grads["none"]).abs().max() > 0                     # the clamp would have cut some
