@@ -65,7 +65,9 @@ def sd15_setup(device, batch, dtype):
     from diffusers import UNet2DConditionModel
     from rewardlab.samplers.schedules import scaled_linear_model_sigmas
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        unet = unet.to(dtype)
     g = torch.Generator().manual_seed(1)
     cond = {"encoder_hidden_states": torch.randn(batch, 77, 768, generator=g).to(device, dtype)}
     uncond = {"encoder_hidden_states": torch.zeros(batch, 77, 768).to(device, dtype)}
