@@ -80,7 +80,7 @@ def add_demo_parser(subparsers):
     p.add_argument("--sampler", default="euler", help="step function: euler, ddim, euler_ancestral, dpmpp_2m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written PNGs")
-    p.add_argument("--train-steps", type=int, default=60, help="DRaFT training steps of stage 2 (0: skip)")
+    p.add_argument("--train-steps", type=int, default=40, help="DRaFT training steps of stage 2 (0: skip)")
     p.set_defaults(func=cmd_demo)
 
 

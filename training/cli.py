@@ -184,7 +184,7 @@ def run_train(args):
     return 0
 
 
-def demo_training(out_dir, train_steps=60, seed=0, reward_name="colourfulness", log=print, model=None):
+def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", log=print, model=None):
     """The README demo: DRaFT-1 on the embedded tiny model against a weight-free reward, a couple of minutes on
     two CPU cores. Writes before/after grids, the reward curve PNG and the LoRA; returns the summary.
     ``model``: a TinyModel to use instead of the shipped one (tests)."""
