@@ -375,7 +375,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.last_images = infos[-1]["images"].float().cpu()
         self.step += 1
-        mean = lambda key: sum(i[key] for i in infos) / len(infos) if infos[0][key] is not None else None  # noqa: E731
+        def mean(key):
+            return sum(i[key] for i in infos) / len(infos) if infos[0][key] is not None else None
         return {"step": self.step, "loss": mean("loss"), "reward": mean("reward"), "kl": mean("kl"),
                 "grad_norm": float(norm), "k": infos[-1]["k"], "m": infos[-1]["m"],
                 "seconds": time.perf_counter() - t0}
