@@ -131,13 +131,21 @@ TINY_UNET = dict(sample_size=8, in_channels=48, out_channels=48, layers_per_bloc
 TINY_TEXT = dict(vocab_size=len(VOCAB), max_length=8, dim=16, layers=1, heads=2)
 
 
-def test_training_step_is_finite_saves_and_reloads(tmp_path):
-    from rewardlab.tiny.model import load_tiny
+TRAIN_KW = dict(steps=2, batch_size=4, threads=0, unet_config=TINY_UNET, text_config=TINY_TEXT, log=None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     from rewardlab.tiny.train import train
-    result = train(tmp_path, steps=2, batch_size=4, threads=0, unet_config=TINY_UNET, text_config=TINY_TEXT,
-                   log=None)
+    out = tmp_path_factory.mktemp("tiny")
+    return out, train(out, **TRAIN_KW)
+
+
+def test_training_step_is_finite_saves_and_reloads(trained):
+    from rewardlab.tiny.model import load_tiny
+    out, result = trained
     assert len(result["losses"]) == 2 and all(torch.isfinite(torch.tensor(result["losses"])))
-    loaded = load_tiny(path=tmp_path)
+    loaded = load_tiny(path=out)
     images = loaded.generate(["a red circle on a blue background"], steps=2, cfg=2.0)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     # The saved EMA weights are the returned model's weights (fp16 storage).
@@ -145,10 +153,9 @@ def test_training_step_is_finite_saves_and_reloads(tmp_path):
         torch.testing.assert_close(loaded.unet.get_parameter(name), p.half().float())
 
 
-def test_training_is_reproducible():
+def test_training_is_reproducible(trained):
     from rewardlab.tiny.train import train
-    kw = dict(steps=2, batch_size=4, threads=0, unet_config=TINY_UNET, text_config=TINY_TEXT, log=None)
-    assert train(**kw)["losses"] == train(**kw)["losses"]
+    assert train(**TRAIN_KW)["losses"] == trained[1]["losses"]
 
 
 # ---- CLI ----
