@@ -124,16 +124,17 @@ def timed(fn, device, warm=1, reps=2):
     return min(times), sorted(times)[len(times) // 2], peak
 
 
-def bench_rewardlab(bundle, reward, device, batch, method, k, steps, reps):
+def bench_rewardlab(bundle, reward, device, batch, method, k, steps, reps, compile_prefix=None):
     cfg = DraftConfig(method=method, k=k, lv_n=2, steps=steps, scheduler="leading", cfg=7.5, batch_size=batch,
                       rank=4, alpha=4, targets=ATTENTION_TARGETS, lr=1e-4, precision="bf16", checkpointing=True,
-                      max_grad_norm=1.0)
+                      max_grad_norm=1.0, compile_prefix=compile_prefix)
     trainer = Trainer(bundle, reward, cfg, prompts=["a photo"])
     try:
         best, med, peak = timed(trainer.train_step, device, reps=reps)
     finally:
         from rewardlab.training.lora import remove_lora
         remove_lora(bundle.lora_root, trainer.adapters)
+        bundle.__dict__.pop("_fast", None)          # the next run starts eager again
     return best, med, peak
 
 
@@ -186,6 +187,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; 4 with --tiny)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL anchor")
+    ap.add_argument("--compile-prefix", default=None,
+                    help="also time runs with the no-grad prefix compiled by this torch.compile backend (inductor)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -198,15 +201,17 @@ def main(argv=None):
          unet_M=sum(p.numel() for p in unet.parameters()) / 1e6,
          gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
     runs = [("draft_k", k) for k in sorted({min(k, steps) for k in args.ks})] + [("draft_lv", 1)]
+    modes = [None] + ([args.compile_prefix] if args.compile_prefix else [])
     for batch in args.batches:
         for method, k in runs:
-            try:
-                best, med, peak = bench_rewardlab(bundle, reward, device, batch, method, k, steps, args.reps)
-                emit(what="rewardlab_step", B=batch, method=method, K=k, n=2 if method == "draft_lv" else None,
-                     min_s=best, med_s=med, peak_GiB=peak)
-            except torch.cuda.OutOfMemoryError as e:
-                emit(what="rewardlab_step", B=batch, method=method, K=k, error="OOM: " + str(e)[:200])
-                torch.cuda.empty_cache()
+            for mode in modes:
+                try:
+                    best, med, peak = bench_rewardlab(bundle, reward, device, batch, method, k, steps, args.reps, mode)
+                    emit(what="rewardlab_step", B=batch, method=method, K=k, n=2 if method == "draft_lv" else None,
+                         compile_prefix=mode, min_s=best, med_s=med, peak_GiB=peak)
+                except torch.cuda.OutOfMemoryError as e:
+                    emit(what="rewardlab_step", B=batch, method=method, K=k, error="OOM: " + str(e)[:200])
+                    torch.cuda.empty_cache()
         if not args.no_trl:
             try:
                 best, med, peak = bench_trl(unet, vae, reward, embs, device, dtype, batch, steps, 1, args.reps)

@@ -174,3 +174,19 @@ def test_config_rejects_bad_settings_with_a_fix():
         DraftConfig(method="draft_k", k=30, steps=20).validate()
     with pytest.raises(ValueError, match="unknown method"):
         DraftConfig(method="ddpo").validate()
+
+
+def test_compiled_no_grad_prefix_keeps_the_eager_gradient():
+    eager = make("draft_k", k=2)
+    fast = make("draft_k", k=2, compile_prefix="inductor")
+    compiled, calls = fast.bundle._fast.fast, []
+
+    def counting(*a, **k):
+        calls.append(torch.is_grad_enabled())
+        return compiled(*a, **k)
+    fast.bundle._fast.fast = counting
+    plan = eager.plan(0)
+    g_eager, g_fast = trainer_grads(eager, plan), trainer_grads(fast, plan)
+    for a, b in zip(g_eager, g_fast):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert calls == [False] * (N - 2)          # the no-grad prefix ran the compiled module, the grad steps did not

@@ -89,10 +89,15 @@ class TorchBundle(ModelBundle):
             self._uncond[n] = self.encode([""] * n)
         return self._uncond[n]
 
+    def compile_prefix(self, backend="inductor"):
+        """Use a torch.compile'd copy of the denoiser network for calls without grad (the no-grad prefix and
+        evaluation); calls that record gradients stay eager, so the backward pass is the eager one."""
+        self._fast = _NoGradFast(self.model, torch.compile(self.model, backend=backend, dynamic=False))
+
     def denoiser(self, conds, cfg):
         n = _batch_of(conds)
         uncond = self.uncond(n) if cfg != 1.0 else None
-        return CFGDenoiser(self.model, conds, uncond, cfg)
+        return CFGDenoiser(getattr(self, "_fast", None) or self.model, conds, uncond, cfg)
 
     def decode(self, x):
         if self.checkpoint_decode and torch.is_grad_enabled():
@@ -101,6 +106,17 @@ class TorchBundle(ModelBundle):
 
     def add_lora(self, rank, alpha, targets):
         return lora_mod.inject_lora(self.lora_root, rank=rank, alpha=alpha, targets=targets)
+
+
+class _NoGradFast:
+    """Dispatch: the compiled network when autograd is off, the eager one when it records a graph."""
+
+    def __init__(self, eager, fast):
+        self.eager, self.fast = eager, fast
+        self.flow = getattr(eager, "flow", False)
+
+    def __call__(self, x, sigma, **extra):
+        return (self.eager if torch.is_grad_enabled() else self.fast)(x, sigma, **extra)
 
 
 def _module_device(module):

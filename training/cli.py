@@ -55,6 +55,7 @@ def add_train_command(subparsers):
     p.add_argument("--kl-weight", type=float, default=0.0, help="DRaFT+ ε-L2 penalty to the base model")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--compile-prefix", default=None, help="torch.compile backend for the no-grad prefix (inductor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--out", default="rewardlab_train", help="output folder")
@@ -125,7 +126,8 @@ def build(args):
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, rank=args.rank, alpha=args.alpha,
         targets=ATTENTION_TARGETS if args.targets == "attention" else None, train_steps=args.train_steps,
         seed=args.seed, precision=args.precision, checkpointing=not args.no_checkpointing, kl_weight=args.kl_weight,
-        heldout_every=args.heldout_every, early_stop_patience=args.early_stop, save_every=args.save_every)
+        heldout_every=args.heldout_every, early_stop_patience=args.early_stop, save_every=args.save_every,
+        compile_prefix=args.compile_prefix)
     prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"])
     heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [])
     return bundle, config, prompts, heldout

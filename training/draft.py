@@ -67,6 +67,7 @@ class DraftConfig:
     heldout_every: int = 0        # score the held-out prompts every N steps (0: never)
     early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
     save_every: int = 0           # checkpoint every N steps (0: only at the end)
+    compile_prefix: str = None    # torch.compile backend for no-grad denoiser calls ("inductor"); None: eager
 
     def validate(self):
         def need(ok, msg):
@@ -189,6 +190,10 @@ class Trainer:
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         self.sigmas = bundle.sigmas(c.steps, c.scheduler)
+        if c.compile_prefix:
+            if not hasattr(bundle, "compile_prefix"):
+                raise ValueError("compile_prefix needs a torch bundle (tiny / diffusers); turn it off for this host")
+            bundle.compile_prefix(c.compile_prefix)
         self.rank, self.world = _dist()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
         use_amp = self.amp_dtype is not None and bundle.device.type == "cuda"
