@@ -7,7 +7,7 @@ class RewardLabSampler:
     DESCRIPTION = ("RewardLab's sampler loop as a SAMPLER for SamplerCustom / SamplerCustomAdvanced. Use it to "
                    "reproduce what RewardLab optimised (a NOISE from ReNO or noise search, a trained LoRA) with the "
                    "same step implementation.")
-    CATEGORY = "RewardLab/sampling"
+    CATEGORY = "RewardLab/Sampling"
     FUNCTION = "get_sampler"
     RETURN_TYPES = ("SAMPLER",)
     RETURN_NAMES = ("sampler",)
