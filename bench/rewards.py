@@ -20,13 +20,13 @@ import json
 import os
 import resource
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed_interleaved
 import _hf_rewards as hf   # PickScore and ImageReward (transformers/timm models and their references)
 
 TINY = {"clip_model": "ViT-B-32", "quick_gelu": True, "overrides": dict(
@@ -84,23 +84,6 @@ def reference_score(kind, reward, x_model, tokens):
     txt = F.normalize(clip.encode_text(tokens).float(), dim=-1)
     cos = (img * txt).sum(-1)
     return cos if kind == "hps" else clip.logit_scale.exp().float() * cos
-
-
-def timed_interleaved(fns, device, reps):
-    """Best time of each function, measured round-robin so that load changes on a shared machine hit all alike."""
-    for fn in fns.values():
-        fn()                                            # warm-up (allocations, kernels, text-feature cache)
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for label, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[label] = min(best[label], time.perf_counter() - t0)
-    return best
 
 
 def peak_memory(device, fn):

@@ -9,10 +9,13 @@ Three loops per model, measured in one run: (1) raw UNet calls only (the floor),
 """
 import argparse
 import json
-import time
+import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import timed_interleaved  # noqa: E402
 from rewardlab.samplers import CFGDenoiser, DiscreteDenoiser, sample
 from rewardlab.samplers.schedules import leading
 
@@ -28,20 +31,6 @@ def build_unet(kind):
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), 32
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2), 768
-
-
-def timed(fn, device, reps):
-    fn()                                            # warm-up (allocations, kernels, autotuning)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench(kind, res, steps, batch, device, dtype, reps):
@@ -79,9 +68,8 @@ def bench(kind, res, steps, batch, device, dtype, reps):
             x = sched.step(eu + 7.5 * (ec - eu), t, x).prev_sample
 
     with torch.no_grad():
-        t_raw = timed(raw, device, reps)
-        t_ours = timed(ours, device, reps)
-        t_diff = timed(diffusers_loop, device, reps)
+        best = timed_interleaved({"raw": raw, "ours": ours, "diffusers": diffusers_loop}, device, reps)
+    t_raw, t_ours, t_diff = best["raw"], best["ours"], best["diffusers"]
     return {"bench": "sampler_overhead", "model": kind, "res": res, "steps": steps, "batch": batch,
             "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
             "dtype": str(dtype).replace("torch.", ""), "raw_unet_s": round(t_raw, 4), "runner_s": round(t_ours, 4),

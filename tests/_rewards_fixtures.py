@@ -42,3 +42,26 @@ def reference_clip(seed=0):
 
 def rel_err(ours, ref):
     return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def assert_gradient_ascent_raises(reward, x, prompt, steps=5, lr=0.01):
+    """The reward's pixel gradient is finite and non-zero, and a few normalised ascent steps raise the score."""
+    x = x.clone().requires_grad_(True)
+    score = reward(x, prompt)
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    start = score.item()
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(reward(x, prompt).sum(), x)
+        x = (x + lr * grad / grad.abs().max()).clamp(0, 1)
+    assert reward(x.detach(), prompt).item() > start + 1e-3
+
+
+def assert_bf16_close(reward, x, prompt, tol=5e-2):
+    """Preprocessing stays fp32 (no bf16 bicubic kernel on CPU); the towers run in the weights' dtype."""
+    import copy
+
+    half = copy.deepcopy(reward).to(torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert rel_err(half(x, prompt), reward(x, prompt)) < tol

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
-from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor
+from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor, assert_bf16_close, assert_gradient_ascent_raises
 from rewardlab.rewards import pickscore
 from rewardlab.rewards import registry
 from rewardlab.rewards.weights import RewardWeightsError
@@ -183,24 +183,11 @@ def test_mismatched_files_give_a_clear_error(tmp_path, reference):
 
 
 def test_gradients_are_finite_and_ascent_raises_the_score(reward, images):
-    x = to_tensor(images[2]).requires_grad_(True)
-    score = reward(x, PROMPTS[2])
-    (grad,) = torch.autograd.grad(score.sum(), x)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    start = score.item()
-    for _ in range(5):
-        x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(reward(x, PROMPTS[2]).sum(), x)
-        x = (x + 0.01 * grad / grad.abs().max()).clamp(0, 1)
-    assert reward(x.detach(), PROMPTS[2]).item() > start + 1e-3
+    assert_gradient_ascent_raises(reward, to_tensor(images[2]), PROMPTS[2])
 
 
 def test_half_precision_weights_score_close_to_fp32(reward, images):
-    """Preprocessing stays fp32 (no bf16 bicubic kernel on CPU); the towers run in the weights' dtype."""
-    x = to_tensor(images[0])
-    half = copy.deepcopy(reward).to(torch.bfloat16)
-    assert half.dtype == torch.bfloat16
-    assert rel_err(half(x, PROMPTS[2]), reward(x, PROMPTS[2])) < 5e-2
+    assert_bf16_close(reward, to_tensor(images[0]), PROMPTS[2])
 
 
 def test_grad_checkpointing_recomputes_the_vision_layers_with_identical_results(reward, images):
