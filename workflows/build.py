@@ -28,9 +28,13 @@ class Out:
         self.node, self.slot = node, slot
 
 
+MUTED = 2  # litegraph node mode "never": shown in the editor, left out of the prompt
+
+
 class Node:
     def __init__(self, nid, class_type, title, inputs):
         self.id, self.class_type, self.title, self.inputs = nid, class_type, title, inputs
+        self.mode = 0
 
     def __getitem__(self, slot):
         return Out(self, slot)
@@ -61,6 +65,12 @@ class Graph:
     def group(self, title, *nodes):
         self.groups.append((title, nodes))
 
+    def mute(self, *nodes):
+        """Ship nodes muted (e.g. a branch that needs a file an earlier run writes): the editor shows them, the
+        prompt leaves them out, as the frontend does."""
+        for node in nodes:
+            node.mode = MUTED
+
     # --- API format --------------------------------------------------------------------------------------------
     def values(self, node, info):
         """Widget values of a node: given ones (primitive values resolved), defaults for the rest."""
@@ -77,14 +87,17 @@ class Graph:
 
     def api(self, info):
         prompt = {}
+        muted = {node.id for node in self.nodes if node.mode == MUTED}
         for node in self.nodes:
+            if node.id in muted:
+                continue
             spec = info[node.class_type]
             unknown = set(node.inputs) - {name for name, _, _ in input_specs(spec)}
             if unknown:
                 raise ValueError(f"{self.name}: {node.class_type} has no inputs {sorted(unknown)}")
             inputs = self.values(node, info)
             for name, value in node.inputs.items():
-                if isinstance(value, Out):
+                if isinstance(value, Out) and value.node.id not in muted:
                     inputs[name] = [str(value.node.id), value.slot]
             prompt[str(node.id)] = {"inputs": inputs, "class_type": node.class_type,
                                     "_meta": {"title": node.title or spec.get("display_name") or node.class_type}}
@@ -138,7 +151,7 @@ class Graph:
         values = self.values(node, info)
         widgets = [values[name] if name else _ui_widget_value(kind) for name, kind, _ in widget_slots(spec)]
         out = {"id": node.id, "type": node.class_type, "pos": pos, "size": _size(len(widgets), inputs, outputs),
-               "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+               "flags": {}, "order": order, "mode": node.mode, "inputs": inputs, "outputs": outputs,
                "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
         if node.title and node.title != spec.get("display_name"):
             out["title"] = node.title
@@ -398,6 +411,75 @@ def cads():
                      axis="p_step")
     custom_sampling(g, ckpt[0], annealed[0], latent[0], ckpt[2], "rewardlab/cads")
     g.group("CADS", cfg, annealed)
+    return g
+
+
+def draft_trainer(g, ckpt, reward, name, prompts):
+    """DRaFT Train LoRA with the literature defaults (DRaFT-K, K=1, rank 8, lr 4e-4), each training prompt encoded
+    by the checkpoint's CLIP; saves output/loras/<name>.safetensors."""
+    return g.add("RewardLabDRaFTTrainLoRA", model=ckpt[0], vae=ckpt[2], reward=reward, clip=ckpt[1],
+                 prompts=prompts, sampler="euler", scheduler="normal", steps=20, cfg=7.5, width=512, height=512,
+                 batch_size=4, method="DRaFT-K", k=1, learning_rate=4e-4, rank=8, training_steps=100,
+                 save_every=50, name=name, seed=0)
+
+
+def sample_and_save(g, model, pos, neg, latent, vae, prefix, title=None):
+    """Stock KSampler -> VAEDecode -> SaveImage; returns those three nodes."""
+    sampler = g.add("KSampler", title, model=model, positive=pos[0], negative=neg[0], latent_image=latent[0],
+                    seed=0, steps=20, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
+    decode = g.add("VAEDecode", samples=sampler[0], vae=vae)
+    return [sampler, decode, g.add("SaveImage", images=decode[0], filename_prefix=prefix)]
+
+
+@workflow
+def draft_train_lora():
+    g = Graph("draft_train_lora", note=(
+        "DRaFT: train a reward LoRA by backpropagating a differentiable reward through sampling, then use it.\n\n"
+        "1. Pick your SD1.5 checkpoint. The reward here is weight-free (colourfulness); swap in Load Reward Model "
+        "for a learned one. Training prompts: one per line.\n"
+        "2. Queue: the LoRA is saved as output/loras/rewardlab_draft.safetensors every 50 steps; the trained MODEL "
+        "goes straight into the KSampler on the right, and the curve shows reward and loss per step.\n"
+        "3. Later runs without retraining: mute DRaFT Train LoRA and unmute the group 'After training' (select it, "
+        "Ctrl+M). It ships muted because the stock LoRA loader only accepts files that exist: before the first "
+        "training that branch would fail validation (ComfyUI skips it and reports an error)."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a bouquet of wildflowers in a glass vase, photo")
+    reward = g.add("RewardLabWeightFreeReward", kind="colourfulness")
+    train = draft_trainer(g, ckpt, reward[0], "rewardlab_draft",
+                          "a bouquet of wildflowers in a glass vase, photo\na street market at dusk\n"
+                          "a portrait of an old fisherman\na bowl of fruit on a table")
+    g.add("PreviewImage", "Reward curve", images=train[2])
+    g.add("PreviewImage", "Last training batch", images=train[3])
+    sample_and_save(g, train[0], pos, neg, latent, ckpt[2], "rewardlab/draft", "KSampler (trained model)")
+    from_file = g.add("LoraLoaderModelOnly", "Load the saved LoRA", model=ckpt[0],
+                      lora_name="rewardlab_draft.safetensors", strength_model=1.0)
+    after = [from_file] + sample_and_save(g, from_file[0], pos, neg, latent, ckpt[2], "rewardlab/draft_from_file",
+                                          "KSampler (LoRA from file)")
+    g.mute(*after)
+    g.group("DRaFT training", reward, train)
+    g.group("After training: the saved LoRA via the stock loader (muted)", *after)
+    return g
+
+
+@workflow
+def mix_reward_loras():
+    g = Graph("mix_reward_loras", note=(
+        "Mix two reward LoRAs: alpha_1 * dW1 + alpha_2 * dW2 on one MODEL (DRaFT's LoRA mixing).\n\n"
+        "Two DRaFT Train LoRA nodes make the LoRAs (weight-free rewards: colourfulness and JPEG compressibility; "
+        "swap in Load Reward Model for learned ones), Mix Reward LoRAs merges them onto the checkpoint's MODEL, "
+        "and Save Reward LoRA writes the mix to output/loras/rewardlab_mix.safetensors. Try alpha in [0, 1] to "
+        "interpolate, > 1 to extrapolate, < 0 to move away. LoRAs already on disk: chain two stock "
+        "LoraLoaderModelOnly nodes with strengths alpha_1 and alpha_2 instead (the same sum of dW)."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a cottage garden in summer, photo")
+    prompts = "a cottage garden in summer, photo\na city skyline at night\na cat sleeping on a sofa"
+    colourful = g.add("RewardLabWeightFreeReward", "Reward 1: colourfulness", kind="colourfulness")
+    compressible = g.add("RewardLabWeightFreeReward", "Reward 2: JPEG compressibility", kind="jpeg-compressibility")
+    lora_1 = draft_trainer(g, ckpt, colourful[0], "rewardlab_colourful", prompts)
+    lora_2 = draft_trainer(g, ckpt, compressible[0], "rewardlab_compressible", prompts)
+    mix = g.add("RewardLabMixRewardLoRAs", model=ckpt[0], lora_1=lora_1[1], alpha_1=1.0, lora_2=lora_2[1],
+                alpha_2=0.5)
+    g.add("RewardLabSaveRewardLoRA", lora=mix[1], name="rewardlab_mix")
+    sample_and_save(g, mix[0], pos, neg, latent, ckpt[2], "rewardlab/mix")
+    g.group("Reward LoRAs", colourful, compressible, lora_1, lora_2, mix)
     return g
 
 
