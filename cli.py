@@ -1,6 +1,6 @@
 """The ``rewardlab`` command line. One function per subcommand; each registers its own arguments.
 
-    rewardlab demo [--out DIR]     sample a grid of captions from the embedded tiny model and write PNGs
+    rewardlab demo [--out DIR]     sample the embedded tiny model, then DRaFT-train a LoRA on it (two stages)
 """
 import argparse
 from pathlib import Path
@@ -71,7 +71,7 @@ def cmd_demo(args):
 
 
 def add_demo_parser(subparsers):
-    p = subparsers.add_parser("demo", help="sample a grid from the embedded tiny model and write PNGs")
+    p = subparsers.add_parser("demo", help="sample the embedded tiny model, then DRaFT-train a LoRA on a weight-free reward")
     p.add_argument("--out", default="./rewardlab_out/demo", help="output folder (created if missing)")
     p.add_argument("--captions", nargs="+", help="captions to sample (default: a fixed set of six)")
     p.add_argument("--per-caption", type=int, default=4, help="samples per caption (one grid row each)")
