@@ -65,3 +65,26 @@ def assert_bf16_close(reward, x, prompt, tol=5e-2):
     half = copy.deepcopy(reward).to(torch.bfloat16)
     assert half.dtype == torch.bfloat16
     assert rel_err(half(x, prompt), reward(x, prompt)) < tol
+
+
+def assert_checkpointing_recomputes(reward, layer, x, prompt):
+    """With gradient checkpointing ``layer`` runs again in backward, and scores and pixel gradients are unchanged."""
+    import copy
+
+    calls = []
+    hook = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        results = []
+        for enable in (False, True):
+            calls.clear()
+            model = copy.deepcopy(reward).set_grad_checkpointing(enable)
+            xi = x.clone().requires_grad_(True)
+            score = model(xi, prompt)
+            (grad,) = torch.autograd.grad(score.sum(), xi)
+            results.append((score, grad, len(calls)))
+    finally:
+        hook.remove()
+    (s0, g0, n0), (s1, g1, n1) = results
+    assert (n0, n1) == (1, 2)
+    torch.testing.assert_close(s1, s0)
+    torch.testing.assert_close(g1, g0)

@@ -1,6 +1,5 @@
 """ImageReward against a reference assembly of timm/transformers modules that follows the published forward
 (ImageReward.py: visual_encoder -> text_encoder(ids, mask, image tokens) -> CLS -> MLP -> standardise)."""
-import copy
 import dataclasses
 import os
 import sys
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
-from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor, assert_bf16_close, assert_gradient_ascent_raises
+from _rewards_fixtures import SIZES, rel_err, smooth_image, to_tensor, assert_bf16_close, assert_checkpointing_recomputes, assert_gradient_ascent_raises
 from rewardlab.rewards import imagereward
 from rewardlab.rewards import registry
 from rewardlab.rewards.weights import RewardWeightsError
@@ -316,22 +315,4 @@ def test_half_precision_weights_score_close_to_fp32(reward, images):
 
 
 def test_grad_checkpointing_recomputes_the_vision_layers_with_identical_results(reward, images):
-    x = to_tensor(images[4])
-    layer_mlp = reward.blip.visual_encoder.blocks[0].mlp
-    calls = []
-    hook = layer_mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-    try:
-        results = []
-        for enable in (False, True):
-            calls.clear()
-            model = copy.deepcopy(reward).set_grad_checkpointing(enable)
-            xi = x.clone().requires_grad_(True)
-            score = model(xi, PROMPTS[4])
-            (grad,) = torch.autograd.grad(score.sum(), xi)
-            results.append((score, grad, len(calls)))
-    finally:
-        hook.remove()
-    (s0, g0, n0), (s1, g1, n1) = results
-    assert (n0, n1) == (1, 2)   # with checkpointing the layer runs again in backward
-    torch.testing.assert_close(s1, s0)
-    torch.testing.assert_close(g1, g0)
+    assert_checkpointing_recomputes(reward, reward.blip.visual_encoder.blocks[0].mlp, to_tensor(images[4]), PROMPTS[4])

@@ -60,33 +60,18 @@ def test_ddim_matches_diffusers(unet, inputs, prediction_type, set_alpha_to_one)
     assert (ours - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item())
 
 
-def test_euler_karras_matches_diffusers(unet, inputs):
+@pytest.mark.parametrize("schedule,options", [("karras", dict(use_karras_sigmas=True)),
+                                              ("leading", dict(timestep_spacing="leading", steps_offset=1))])
+def test_euler_matches_diffusers(unet, inputs, schedule, options):
     from diffusers import EulerDiscreteScheduler
 
     noise, cond = inputs
-    sched = EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True)
-    sched.set_timesteps(12)
-    x0 = noise * sched.sigmas[0]
-    ref = _diffusers_loop(unet, sched, x0.clone(), cond)
-
-    den = DiscreteDenoiser.from_scheduler(unet, sched)
-    sigmas = sigma_schedule("karras", 12, den.model_sigmas)
-    assert torch.allclose(sigmas, sched.sigmas, rtol=1e-6, atol=0)
-    with torch.no_grad():
-        ours = sample(den, x0.clone(), sigmas, "euler", extra_args={"encoder_hidden_states": cond}).x
-    assert (ours - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item())
-
-
-def test_euler_leading_matches_diffusers(unet, inputs):
-    from diffusers import EulerDiscreteScheduler
-
-    noise, cond = inputs
-    sched = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading", steps_offset=1)
-    sched.set_timesteps(8)
+    sched = EulerDiscreteScheduler(**SD_BETAS, **options)
+    sched.set_timesteps(10)
     x0 = noise * sched.init_noise_sigma
     ref = _diffusers_loop(unet, sched, x0.clone(), cond)
     den = DiscreteDenoiser.from_scheduler(unet, sched)
-    sigmas = sigma_schedule("leading", 8, den.model_sigmas)
+    sigmas = sigma_schedule(schedule, 10, den.model_sigmas)
     assert torch.allclose(sigmas, sched.sigmas, rtol=1e-6, atol=0)
     with torch.no_grad():
         ours = sample(den, x0.clone(), sigmas, "euler", extra_args={"encoder_hidden_states": cond}).x
