@@ -7,10 +7,11 @@ import torch
 from rewardlab.tiny import data
 from rewardlab.tiny.text import PAD, UNK, VOCAB, Tokenizer, TinyTextEncoder
 
-# Measured on the shipped weights: 1.00 shape colour and 1.00 background over all 120 captions (tiny_model.json
-# "eval"); chance is 1/6. The threshold leaves margin for other torch builds. Shape identity is NOT learned by
-# the shipped 600-step run (0.31 vs chance 0.25), so it is reported here but not asserted.
+# Measured on the shipped 4000-step weights: 1.00 shape colour, 1.00 background and 1.00 shape over all 120
+# captions (tiny_model.json "eval"), and on this test's 24 captions; chance is 1/6 for colours, 1/4 for shape.
+# The thresholds leave margin for other torch builds.
 MIN_COLOR_ACCURACY = 0.8
+MIN_SHAPE_ACCURACY = 0.7
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +106,7 @@ def test_samples_are_recognisable(generated, eval_captions):
     print(f"tiny model accuracy: shape colour {acc_color:.2f}, background {acc_background:.2f}, shape {acc_shape:.2f}")
     assert acc_background >= MIN_COLOR_ACCURACY
     assert acc_color >= MIN_COLOR_ACCURACY
+    assert acc_shape >= MIN_SHAPE_ACCURACY
 
 
 def test_generate_is_seeded_and_in_range(tiny, generated, eval_captions):

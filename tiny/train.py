@@ -1,6 +1,6 @@
 """Train the embedded tiny model from scratch on the procedural shapes data (reproducible, CPU).
 
-    python -m rewardlab.tiny.train --out tiny/ --eval     # the shipped weights (2000 steps, 10 min on an idle 2-core CPU)
+    python -m rewardlab.tiny.train --out tiny/ --eval     # the shipped weights (4000 steps, 20 min on an idle 2-core CPU)
     python -m rewardlab.tiny.train --out /tmp/t --steps 50 # a quick check
 
 DDPM loss with the v-prediction target (Salimans & Ho 2022; see model.DEFAULT_SCHEDULE for why), captions dropped to "" with probability ``dropout`` so the same network
@@ -49,7 +49,7 @@ def ema_update(ema_params, params, decay):
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def train(out=None, steps=2000, batch_size=32, lr=1.5e-3, seed=0, threads=2, dropout=0.1, ema_decay=0.999,
+def train(out=None, steps=4000, batch_size=32, lr=1.5e-3, seed=0, threads=2, dropout=0.1, ema_decay=0.999,
           warmup=100, unet_config=DEFAULT_UNET, text_config=DEFAULT_TEXT, log_every=50, log=print,
           save_every=None):
     """Train and (when ``out`` is given) save the EMA weights there. Returns a dict with the EMA
@@ -123,7 +123,7 @@ def evaluate(model, seed=0, steps=20, cfg=3.0, sampler="euler", scheduler="karra
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the embedded tiny RewardLab model (CPU, reproducible).")
     parser.add_argument("--out", required=True, help="folder for tiny_model.safetensors + tiny_model.json")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
