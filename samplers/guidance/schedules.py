@@ -75,47 +75,48 @@ class Constant(Schedule):
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """start + (end - start)·ramp(p): the shared form of the linear and cosine families."""
     start: float
     end: float
-    axis: str = "p_step"
 
     def __post_init__(self):
         _progress_axis(self.axis)
 
     def __call__(self, ctx):
-        return self.start + (self.end - self.start) * ctx.axis(self.axis)
+        return self.start + (self.end - self.start) * self.ramp(ctx.axis(self.axis))
 
 
 @dataclass(frozen=True)
-class Cosine(Schedule):
+class Linear(_Ramp):
+    axis: str = "p_step"
+
+    def ramp(self, p):
+        return p
+
+
+@dataclass(frozen=True)
+class Cosine(_Ramp):
     """start + (end - start)·(1 - cos πp)/2: flat at both ends."""
-    start: float
-    end: float
     axis: str = "p_step"
 
-    def __post_init__(self):
-        _progress_axis(self.axis)
-
-    def __call__(self, ctx):
-        return self.start + (self.end - self.start) * (1 - math.cos(math.pi * ctx.axis(self.axis))) / 2
+    def ramp(self, p):
+        return (1 - math.cos(math.pi * p)) / 2
 
 
 @dataclass(frozen=True)
-class PowerCosine(Schedule):
+class PowerCosine(_Ramp):
     """MUSE's power-cosine: start + (end - start)·(1 - cos(π·p^power))/2."""
-    start: float
-    end: float
     power: float = 1.0
     axis: str = "p_step"
 
     def __post_init__(self):
-        _progress_axis(self.axis)
+        super().__post_init__()
         if self.power <= 0:
             raise ValueError(f"power must be > 0, got {self.power}")
 
-    def __call__(self, ctx):
-        return self.start + (self.end - self.start) * (1 - math.cos(math.pi * ctx.axis(self.axis) ** self.power)) / 2
+    def ramp(self, p):
+        return (1 - math.cos(math.pi * p ** self.power)) / 2
 
 
 @dataclass(frozen=True)
