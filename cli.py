@@ -15,33 +15,9 @@ DEMO_CAPTIONS = (
 )
 
 
-def save_png(image_chw, path):
-    """Write one image (3, H, W) in [0, 1] as an 8-bit PNG."""
-    from PIL import Image
-    pixels = (image_chw.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(pixels).save(path)
-
-
-def image_grid(images, rows, pad=2):
-    """Tile (N, 3, H, W) images into one (3, H', W') image, ``rows`` rows, white padding between tiles."""
-    import torch
-    n, c, h, w = images.shape
-    cols = -(-n // rows)
-    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
-    for k, image in enumerate(images):
-        r, q = divmod(k, cols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[:, top:top + h, left:left + w] = image
-    return grid
-
-
-def upscale(image_chw, factor):
-    """Nearest-neighbour enlargement so 32×32 samples are visible in an image viewer."""
-    return image_chw.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-
-
 def demo_sample(args):
     """Stage 1 of the demo: a grid of samples from the embedded model, one row per caption."""
+    from .plots import save_png
     from .tiny.model import load_tiny
     model = load_tiny()
     captions = list(args.captions or DEMO_CAPTIONS)
@@ -52,10 +28,10 @@ def demo_sample(args):
     written = []
     for k, (prompt, image) in enumerate(zip(prompts, images)):
         path = out / f"sample_{k:03d}.png"
-        save_png(upscale(image, args.scale), path)
+        save_png(image[None], path, scale=args.scale)
         written.append((path, prompt))
     grid_path = out / "grid.png"
-    save_png(upscale(image_grid(images, rows=len(captions)), args.scale), grid_path)
+    save_png(images, grid_path, columns=args.per_caption, scale=args.scale)
     (out / "captions.txt").write_text("".join(f"{p.name}\t{c}\n" for p, c in written))
     print(f"wrote {len(written)} samples, {grid_path} (one row per caption) and {out / 'captions.txt'}")
     return dict(images=images, prompts=prompts, grid=grid_path, files=[p for p, _ in written])

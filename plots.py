@@ -1,5 +1,8 @@
-"""Small line plots drawn with PIL and returned as a ComfyUI IMAGE (1, H, W, 3), so curves show up in the graph
-like any other image (preview, save, compare) without a matplotlib dependency."""
+"""Pictures the pack makes: line plots, image grids, heatmaps and PNG files. The one place for each.
+
+Plots are drawn with PIL and returned as a ComfyUI IMAGE (1, H, W, 3), so curves show up in the graph like any
+other image (preview, save, compare) without a matplotlib dependency; the command line writes the same pictures as
+PNG files."""
 import math
 
 import numpy as np
@@ -77,3 +80,46 @@ def line_plot(series, title="", xlabel="", ylabel="", x=None, markers=None, size
     d.text((MARGIN_L + pw // 2 - 4 * len(xlabel), h - 16), xlabel, fill=(0, 0, 0))
     d.text((w - MARGIN_R - 6 * len(ylabel), 8), ylabel, fill=(80, 80, 80))   # y label top-right, beside the title
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def training_curve(log, title="DRaFT training"):
+    """Reward and loss per training step; the held-out reward (scored every N steps) is drawn as a step line."""
+    series = {"reward": [r["reward"] for r in log], "loss": [r["loss"] for r in log]}
+    if any(r.get("heldout_reward") is not None for r in log):
+        held, last = [], None
+        for r in log:
+            last = r["heldout_reward"] if r.get("heldout_reward") is not None else last
+            held.append(last if last is not None else float("nan"))
+        series["held-out reward"] = held
+    return line_plot(series, title=title, xlabel="training step", ylabel="value", x=[r["step"] for r in log])
+
+
+def image_grid(images, columns=None, pad=2):
+    """(B, 3, H, W) in [0, 1] -> one ComfyUI IMAGE (1, rows·H, cols·W, 3) with white ``pad``-pixel gaps."""
+    b, c, h, w = images.shape
+    cols = columns or max(1, min(b, int(round(b ** 0.5 + 0.49))))
+    rows = -(-b // cols)
+    grid = torch.ones(c, rows * (h + pad) - pad, cols * (w + pad) - pad)
+    for i in range(b):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = images[i].float().cpu()
+    return grid.clamp(0, 1).movedim(0, -1).unsqueeze(0)
+
+
+def heat_colours(h):
+    """Black-red-yellow-white map for h in [0, 1], (B, 1, H, W) -> (B, 3, H, W)."""
+    return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], 1)
+
+
+def save_image(image, path):
+    """Write the first image of a ComfyUI IMAGE (B, H, W, 3) in [0, 1] as an 8-bit PNG."""
+    pixels = (image[0].detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype("uint8")
+    Image.fromarray(pixels).save(path)
+
+
+def save_png(images, path, columns=None, scale=1):
+    """Write a batch (B, 3, H, W) in [0, 1] as one PNG grid, enlarged ``scale`` times (nearest neighbour, so 32 px
+    samples stay crisp)."""
+    if scale > 1:
+        images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    save_image(image_grid(images, columns), path)

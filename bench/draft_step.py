@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardlab.samplers import DiscreteDenoiser
-from rewardlab.samplers.schedules import scaled_linear_model_sigmas
+from rewardlab.samplers.sigmas import scaled_linear_model_sigmas
 from rewardlab.training.bundle import TorchBundle
 from rewardlab.training.draft import DraftConfig, Trainer
 from rewardlab.training.lora import ATTENTION_TARGETS

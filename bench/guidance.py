@@ -63,7 +63,7 @@ def tiny_setup(device, batch, path=None):
 
 def sd15_setup(device, batch, dtype):
     from diffusers import UNet2DConditionModel
-    from rewardlab.samplers.schedules import scaled_linear_model_sigmas
+    from rewardlab.samplers.sigmas import scaled_linear_model_sigmas
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).to(device).eval().requires_grad_(False)
     if dtype != torch.float32:

@@ -9,7 +9,7 @@ Weights are random (no downloads): speed and memory do not depend on their value
 Rows (one JSON object each):
   eager_baseline   the straightforward loop: UNet -> x0 -> VAE decode -> ensemble -> backward -> clip -> step,
                    written out by hand here (no checkpointing, no compile), in the same dtype
-  rewardlab        samplers.noise_opt.optimise_noise (the library path), with --compile for the UNet, VAE decoder
+  rewardlab        noise.optimise.optimise_noise (the library path), with --compile for the UNet, VAE decoder
                    and reward towers; its first-iteration reward is compared with the eager baseline's
   sdxl_4step       rewardlab on the SDXL-shaped chain
 
@@ -197,7 +197,7 @@ def compile_towers(reward, mode):
 
 def run_sd21(args, device, dtype):
     from rewardlab.samplers import sigma_schedule
-    from rewardlab.samplers.noise_opt import Chain, optimise_noise
+    from rewardlab.noise import Chain, optimise_noise
 
     unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if args.tiny else (SD21_UNET, SD_VAE)
     unet, vae = build_unet(unet_cfg, device, dtype), build_vae(vae_cfg, device, dtype)
@@ -237,7 +237,7 @@ def run_sd21(args, device, dtype):
 
 def run_sdxl(args, device, dtype):
     from rewardlab.samplers import sigma_schedule
-    from rewardlab.samplers.noise_opt import Chain, optimise_noise
+    from rewardlab.noise import Chain, optimise_noise
 
     unet_cfg, vae_cfg = (TINY_SDXL_UNET, TINY_VAE) if args.tiny else (SDXL_UNET, SD_VAE)
     unet, vae = build_unet(unet_cfg, device, dtype), build_vae(vae_cfg, device, dtype)

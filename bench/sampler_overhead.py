@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import timed_interleaved  # noqa: E402
 from rewardlab.samplers import CFGDenoiser, DiscreteDenoiser, sample
-from rewardlab.samplers.schedules import leading
+from rewardlab.samplers.sigmas import leading
 
 
 def build_unet(kind):

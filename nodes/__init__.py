@@ -2,7 +2,7 @@
 import importlib
 
 # One line per capability module; add yours here.
-_MODULES = ("reward_nodes", "sampler_nodes", "routes", "noise_nodes", "guidance_nodes", "train_nodes")
+_MODULES = ("reward_nodes", "sampler_nodes", "noise_nodes", "guidance_nodes", "train_nodes")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

@@ -3,10 +3,14 @@ for plain KSampler), CADS and reward guidance (GUIDER -> GUIDER), and a schedule
 
 Weights are ComfyUI cfg values (D = D_u + cfg·(D_c - D_u); 1 = no guidance). Every weight input is a FLOAT widget
 with an optional GUIDANCE_SCHEDULE socket beside it: a connected schedule wins. Progress runs 0 at the first
-(noisiest) step to 1 at the last. The comfy-facing code lives in guidance_comfy.py, imported when a node runs.
+(noisiest) step to 1 at the last. The ComfyUI side (the guider class, the MODEL patch) is host/guidance.py.
 """
 import math
 
+from ..host import guidance as comfy_guidance
+from ..host.grad import grad_ready
+from ..host.vae import decode, grad_vae
+from ..plots import line_plot
 from ..samplers import guidance as g
 
 CATEGORY = "RewardLab/Guidance"
@@ -15,7 +19,7 @@ PROGRESS_AXES = ["p_step", "p_model"]
 ALL_AXES = ["sigma_edm", "sigma", "log_snr", "p_step", "p_model"]
 AXIS_TOOLTIP = ("Progress axis: p_step = sampling steps of this run (0 at the first step, 1 at the last); p_model = "
                 "the model's own time (continuous across KSamplerAdvanced passes, like ConditioningSetTimestepRange).")
-COMBINERS = ["cfg", "apg", "cfg_zero_star", "cfg_rescale"]
+COMBINERS = list(g.COMBINER_NAMES)
 SPACES = ["default", "x0", "eps", "velocity", "v_pred"]
 
 
@@ -30,11 +34,6 @@ def _schedule_socket(what):
 def weight(value, schedule=None):
     """A schedule from the FLOAT widget and the optional GUIDANCE_SCHEDULE socket (the socket wins)."""
     return schedule if schedule is not None else g.Constant(float(value))
-
-
-def _comfy():
-    from . import guidance_comfy
-    return guidance_comfy
 
 
 # --- schedules ---------------------------------------------------------------------------------------------------
@@ -251,24 +250,6 @@ def combiner_inputs():
     }
 
 
-def build_combiner(combiner, apg_eta, apg_norm_threshold, apg_momentum, zero_init_steps, rescale_phi, space):
-    kw = {} if space == "default" else {"space": space}
-    if combiner == "cfg":
-        return g.CFG()
-    if combiner == "apg":
-        return g.APG(apg_eta, apg_norm_threshold, apg_momentum, **kw)
-    if combiner == "cfg_zero_star":
-        return g.CFGZeroStar(zero_init_steps, **kw)
-    if combiner == "cfg_rescale":
-        return g.CFGRescale(rescale_phi, **kw)
-    raise ValueError(f"unknown combiner {combiner!r}; choose one of {', '.join(COMBINERS)}")
-
-
-def build_spec(scale, adaptive_guidance, adaptive_threshold, adaptive_space, **combiner_kw):
-    gates = (g.AdaptiveGuidance(adaptive_threshold, adaptive_space),) if adaptive_guidance else ()
-    return g.GuidanceSpec(scale=scale, combiner=build_combiner(**combiner_kw), gates=gates)
-
-
 class RewardLabScheduledGuider:
     DESCRIPTION = ("A GUIDER for SamplerCustomAdvanced with a scheduled cfg and a choice of combiner (CFG, APG, "
                    "CFG-Zero*, CFG-rescale) and optional Adaptive Guidance. Wherever the weight is 1 (e.g. outside a "
@@ -290,8 +271,8 @@ class RewardLabScheduledGuider:
         }, "optional": {"cfg_schedule": _schedule_socket("cfg")}}
 
     def build(self, model, positive, negative, cfg, cfg_schedule=None, **kw):
-        spec = build_spec(weight(cfg, cfg_schedule), **kw)
-        return (_comfy().make_guider(model, positive, negative, spec),)
+        spec = g.spec_from_options(weight(cfg, cfg_schedule), **kw)
+        return (comfy_guidance.scheduled_guider(model, positive, negative, spec),)
 
 
 class RewardLabApplyGuidanceSchedule:
@@ -310,8 +291,8 @@ class RewardLabApplyGuidanceSchedule:
                                                          "used as a constant weight."})}}
 
     def patch(self, model, cfg_schedule=None, **kw):
-        spec = build_spec(cfg_schedule if cfg_schedule is not None else 1.0, **kw)
-        return (_comfy().patch_model(model, spec, use_sampler_cfg=cfg_schedule is None),)
+        spec = g.spec_from_options(cfg_schedule if cfg_schedule is not None else 1.0, **kw)
+        return (comfy_guidance.patch_model(model, spec, use_sampler_cfg=cfg_schedule is None),)
 
 
 class RewardLabCADSGuider:
@@ -337,9 +318,8 @@ class RewardLabCADSGuider:
 
     def build(self, guider, tau1, tau2, noise_scale, psi, seed, axis):
         cads = g.CADS(tau1, tau2, noise_scale, psi, seed, axis)
-        comfy = _comfy()
-        base = guider.spec.cond_ops if isinstance(guider, comfy.scheduled_guider_class()) else ()
-        return (comfy.derive_guider(guider, cond_ops=tuple(base) + (cads,)),)
+        base = guider.spec.cond_ops if isinstance(guider, comfy_guidance.scheduled_guider_class()) else ()
+        return (comfy_guidance.derive_guider(guider, cond_ops=tuple(base) + (cads,)),)
 
 
 class RewardLabRewardGuider:
@@ -372,24 +352,18 @@ class RewardLabRewardGuider:
 
     def build(self, guider, vae, reward, prompt, strength, start, end, backward_steps, backward_lr, gradient,
               strength_schedule=None):
-        from . import host_sampling
-        comfy = _comfy()
-        vae_patcher = host_sampling.grad_vae(vae)
+        vae_patcher = grad_vae(vae)
         prompts = prompt.strip() or None
 
-        def decode(latent):
-            return host_sampling.decode(vae, latent, patcher=vae_patcher)
-
         def score(images):
-            batch = images.shape[0]
-            scores = reward(images.to(reward.device), None if prompts is None else [prompts] * batch)
-            return scores.to(images.device)
+            return reward(images, None if prompts is None else [prompts] * images.shape[0])
 
         through = gradient == "through model"
-        guidance = g.RewardGuidance(score, decode, weight(strength, strength_schedule), start, end, backward_steps,
-                                    backward_lr, through_model=through)
-        model = host_sampling.grad_ready(guider.model_patcher) if through else None
-        return (comfy.derive_guider(guider, model=model, reward=guidance),)
+        guidance = g.RewardGuidance(score, lambda latent: decode(vae, latent, patcher=vae_patcher),
+                                    weight(strength, strength_schedule), start, end, backward_steps, backward_lr,
+                                    through_model=through)
+        model = grad_ready(guider.model_patcher) if through else None
+        return (comfy_guidance.derive_guider(guider, model=model, reward=guidance),)
 
 
 class RewardLabPlotGuidanceSchedule:
@@ -409,8 +383,7 @@ class RewardLabPlotGuidanceSchedule:
         }, "optional": {"cfg_schedule": _schedule_socket("cfg")}}
 
     def plot(self, model, sigmas, cfg, cfg_schedule=None):
-        from ..plots import line_plot
-        values, sigma_edm = _comfy().schedule_values(model, sigmas, weight(cfg, cfg_schedule))
+        values, sigma_edm = comfy_guidance.schedule_values(model, sigmas, weight(cfg, cfg_schedule))
         by_step = line_plot({"cfg": values}, title="guidance weight by step", xlabel="step", ylabel="cfg")
         # log σ: the noisy end spans decades; the plot font has no Greek letters
         log_sigma = [math.log10(max(s, 1e-6)) for s in sigma_edm]

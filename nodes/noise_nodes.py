@@ -1,138 +1,20 @@
 """Noise nodes: ReNO noise optimisation, gradient-free noise search, and wrapping a LATENT as a NOISE.
 
-The whole optimisation / search runs inside one ``CFGGuider.sample`` call (see ``_InsideGuider``): every evaluation
-is RewardLab's one runner on the guider's CFG'd x̂0 with RunnerSampler's noise scaling and ancestral seeding, i.e.
-the implementation the "RewardLab Sampler" node runs, whose euler / euler_ancestral / dpmpp_2m steps equal stock
-ComfyUI's. The NOISE output (seed + optimised tensor) therefore reproduces the optimised image under stock
-SamplerCustomAdvanced with the same model, conditioning, cfg, sampler and sigmas (tests/comfyui/test_noise_comfy.py).
+The optimisation or search runs inside one guider call (host/noise.py, host/bridge.py) with the chain the
+"RewardLab Sampler" node samples with, so the NOISE output (seed + optimised tensor) reproduces the optimised image
+under stock SamplerCustomAdvanced with the same model, conditioning, cfg, sampler and sigmas.
 """
-import math
-
 import torch
 
-from . import host
-from . import host_sampling as hs
-from ..samplers.noise_opt import OPTIMIZERS, Chain, optimise_noise
-from ..samplers.steps import get_step
-from ..samplers.search import METHODS, noise_search
+from .. import runtime
+from ..host.bridge import STEP_NAMES
+from ..host.noise import OptimisedNoise, run_noise_method
+from ..host.services import best_image_progress, scheduler_names
+from ..noise import METHODS, OPTIMIZERS, noise_search, optimise_noise
+from ..plots import line_plot
+from ..rewards.base import split_prompts
 
 CATEGORY = "RewardLab/Noise"
-
-
-class _GuiderDenoiser:
-    """The guider's CFG'd x̂0 as a core denoiser (what RunnerSampler hands the runner when there is no mask)."""
-
-    def __init__(self, model_wrap, flow):
-        self.model_wrap, self.flow = model_wrap, flow
-
-    def __call__(self, x, sigma, **extra):
-        return self.model_wrap(x, sigma, **extra)
-
-
-class _InsideGuider:
-    """A duck-typed comfy Sampler whose ``sample`` runs a whole noise optimisation / search (``body(chain)``)
-    inside ONE ``guider.sample`` call. Models are loaded and conditioning is processed once, and the guider stays
-    alive during backward, which per-step checkpointing needs: its recompute calls the model again. The chain
-    is the core Chain over the guider, with the steps, noise scaling and ancestral seeding of RunnerSampler."""
-
-    def __init__(self, body, step, seed, info, vae, vae_patcher):
-        self.body, self.step, self.seed, self.info = body, step, seed, info
-        self.vae, self.vae_patcher = vae, vae_patcher
-        self.result = self.to_vae_space = None
-
-    def max_denoise(self, model_wrap, sigmas):
-        sigma_max, sigma = float(model_wrap.inner_model.model_sampling.sigma_max), float(sigmas[0])
-        return math.isclose(sigma_max, sigma, rel_tol=1e-05) or sigma > sigma_max
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        base = model_wrap.inner_model
-        # ComfyUI made these in inference mode; clones made here (inference mode off) can join autograd graphs.
-        sigmas = sigmas.clone()
-        latent_image = latent_image.clone() if latent_image is not None else None
-        chain = Chain(model=_GuiderDenoiser(model_wrap, self.info.flow), sigmas=sigmas,
-                      decode=lambda x: hs.decode(self.vae, base.process_latent_out(x), patcher=self.vae_patcher),
-                      step=get_step(self.step, flow=self.info.flow), flow=self.info.flow,
-                      latent=latent_image if latent_image is not None and latent_image.any() else None,
-                      max_denoise=self.max_denoise(model_wrap, sigmas), extra_args=extra_args, seed=self.seed,
-                      channels=self.info.latent_channels)
-        self.to_vae_space = lambda x: base.process_latent_out(x.detach()).float().cpu()
-        self.result = self.body(chain, noise.device)
-        return self.result.latent
-
-
-def _inside_guider(model, positive, negative, cfg, vae, latent, sigmas, step, seed, body):
-    """Run ``body(chain, device)`` inside one guider.sample with grad-ready model and VAE; returns the sampler
-    (its ``result`` and ``to_vae_space``). Our grad-ready clones are always released."""
-    info = hs.model_info(model)
-    samples = hs.latent_samples(model, latent)
-    with hs.grad_enabled():
-        patcher, vae_patcher = hs.grad_ready(model), hs.grad_vae(vae)
-        try:
-            hs.prepare_training(patcher, vae_patcher)     # both resident: decode must not evict the UNet mid-loop
-            sampler = _InsideGuider(body, step, seed, info, vae, vae_patcher)
-            guider = hs.make_guider(patcher, positive, negative, cfg)
-            guider.sample(torch.zeros_like(samples), samples, sampler, sigmas, seed=seed)
-        finally:
-            hs.release(patcher, vae_patcher)
-    return sampler
-
-
-class _DeviceReward:
-    """Moves decoded images to the reward's device and the scores back (the VAE and reward may differ)."""
-
-    def __init__(self, reward):
-        self.reward = reward
-        self.needs_text = getattr(reward, "needs_text", False)
-        self.name = getattr(reward, "name", type(reward).__name__)
-
-    def __call__(self, images, prompts=None):
-        device = getattr(self.reward, "device", images.device)
-        return self.reward(images.to(device), prompts).to(images.device)
-
-
-def _prompts(text, batch):
-    from .reward_nodes import split_prompts
-    return split_prompts(text, batch)
-
-
-def _batched_latent(latent, batch):
-    samples = latent["samples"]
-    if batch == samples.shape[0]:
-        return latent
-    if samples.shape[0] != 1:
-        raise ValueError(f"batch is {batch} but the LATENT holds {samples.shape[0]} samples: set batch to "
-                         f"{samples.shape[0]} or use a single-sample latent (it is repeated to the batch)")
-    return dict(latent, samples=samples.repeat(batch, *[1] * (samples.ndim - 1)))
-
-
-def _run(model, positive, negative, vae, latent, steps, sampler, scheduler, cfg, seed, batch, body):
-    """Shared node plumbing: batch the latent, take the seed's noise (as stock RandomNoise), run ``body(chain,
-    noise)`` inside the guider, and turn the result into (NOISE, LATENT, IMAGE)."""
-    if "noise_mask" in latent:
-        raise ValueError("noise optimisation and search do not support a LATENT with a noise_mask (inpainting); "
-                         "remove the mask (e.g. use the latent without Set Latent Noise Mask)")
-    latent = _batched_latent(latent, batch)
-    sigmas = hs.calculate_sigmas(model, scheduler, steps)
-    noise = host.prepare_noise(hs.latent_samples(model, latent), seed)    # the seed's own sample is iterate 0
-    inside = _inside_guider(model, positive, negative, cfg, vae, latent, sigmas, sampler, seed,
-                            lambda chain, device: body(chain, noise.to(device).clone()))
-    result = inside.result
-    outputs = (hs.OptimisedNoise(result.seed, result.noise), {"samples": inside.to_vae_space(result.latent)},
-               host.bchw_to_image(result.images))
-    return result, outputs
-
-
-def _progress(total, key):
-    """A ProgressBar callback showing the current best image; skips updates once Cancel was pressed (the bar's
-    update would raise ComfyUI's interrupt, and we want to return the best so far instead)."""
-    bar = host.progress_bar(total)
-
-    def update(info):
-        if not host.interrupted():
-            bar.update_absolute(min(info[key], total), total,
-                                host.preview_from_image(host.bchw_to_image(info["best_images"])))
-    return update
 
 
 def _common_inputs(steps_default, cfg_default):
@@ -146,11 +28,11 @@ def _common_inputs(steps_default, cfg_default):
         "reward": ("REWARD_MODEL", {"tooltip": "What to maximise: a reward from Load Reward Model / Combine Rewards."}),
         "steps": ("INT", {"default": steps_default, "min": 1, "max": 200,
                           "tooltip": "Sampling steps of the chain (1 for one-step models such as SD-Turbo)."}),
-        "sampler": (list(hs.STEP_NAMES), {"default": "euler",
+        "sampler": (list(STEP_NAMES), {"default": "euler",
                                           "tooltip": "Step rule; use the same one in the sampler that replays the "
                                                      "NOISE (RewardLab Sampler or stock euler/euler_ancestral/"
                                                      "dpmpp_2m)."}),
-        "scheduler": (host.scheduler_names(), {"default": "normal" if "normal" in host.scheduler_names() else None,
+        "scheduler": (scheduler_names(), {"default": "normal" if "normal" in scheduler_names() else None,
                                                "tooltip": "Sigma schedule (as in BasicScheduler)."}),
         "cfg": ("FLOAT", {"default": cfg_default, "min": 0.0, "max": 30.0, "step": 0.1,
                           "tooltip": "Classifier-free guidance scale (1.0 = no guidance, typical for turbo models)."}),
@@ -214,18 +96,18 @@ class RewardLabReNOOptimiseNoise:
     def optimise(self, model, positive, negative, vae, latent, reward, steps, sampler, scheduler, cfg, seed, batch,
                  iterations, lr, reg_weight, prompt="", optimizer="sgd", grad_clip=0.1, grad_last=0,
                  checkpoint_steps=False, checkpoint_reward=False, renormalise=False, perturbation=0.0):
-        def body(chain, noise):
-            return optimise_noise(chain, _DeviceReward(reward), noise, _prompts(prompt, noise.shape[0]),
-                                  iterations=iterations, lr=lr, optimizer=optimizer, grad_clip=grad_clip,
-                                  reg_weight=reg_weight, grad_last=grad_last or None,
-                                  checkpoint_steps=checkpoint_steps, checkpoint_reward=checkpoint_reward,
-                                  renormalise=renormalise, perturbation=perturbation,
-                                  callback=_progress(iterations, "iteration"), cancel=host.interrupted)
+        def run(chain, noise):
+            return optimise_noise(chain, reward, noise, split_prompts(prompt, noise.shape[0]), iterations=iterations,
+                                  lr=lr, optimizer=optimizer, grad_clip=grad_clip, reg_weight=reg_weight,
+                                  grad_last=grad_last or None, checkpoint_steps=checkpoint_steps,
+                                  checkpoint_reward=checkpoint_reward, renormalise=renormalise,
+                                  perturbation=perturbation, callback=best_image_progress(iterations, "iteration"),
+                                  cancel=runtime.current().interrupted)
 
-        result, outputs = _run(model, positive, negative, vae, latent, steps, sampler, scheduler, cfg, seed, batch,
-                               body)
-        plot = _plot({"reward": result.history.mean(1).tolist(), "best": result.best_so_far().mean(1).tolist()},
-                     "ReNO: reward per iteration", "iteration")
+        result, outputs = run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler,
+                                           seed, batch, run)
+        plot = line_plot({"reward": result.history.mean(1).tolist(), "best": result.best_so_far().mean(1).tolist()},
+                         title="ReNO: reward per iteration", xlabel="iteration", ylabel="reward")
         return (*outputs, plot)
 
 
@@ -270,16 +152,16 @@ class RewardLabNoiseSearch:
         extra = {"zero_order": dict(neighbours=neighbours, step_size=step_size),
                  "paths": dict(branches=branches, backtrack=backtrack)}.get(method, {})
 
-        def body(chain, noise):
+        def run(chain, noise):
             with torch.no_grad():
-                return noise_search(method, chain, _DeviceReward(reward), noise, budget,
-                                    prompts=_prompts(prompt, noise.shape[0]), seed=search_seed,
-                                    callback=_progress(budget, "calls"),
-                                    cancel=host.interrupted, **extra)
+                return noise_search(method, chain, reward, noise, budget, prompts=split_prompts(prompt, noise.shape[0]),
+                                    seed=search_seed, callback=best_image_progress(budget, "calls"),
+                                    cancel=runtime.current().interrupted, **extra)
 
-        result, outputs = _run(model, positive, negative, vae, latent, steps, sampler, scheduler, cfg, seed, batch,
-                               body)
-        plot = _plot({"best": result.history.mean(1).tolist()}, f"noise search ({method})", "round")
+        result, outputs = run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler,
+                                           seed, batch, run)
+        plot = line_plot({"best": result.history.mean(1).tolist()}, title=f"noise search ({method})", xlabel="round",
+                         ylabel="reward")
         return (*outputs, plot, float(result.reward.mean()))
 
 
@@ -303,12 +185,7 @@ class RewardLabNoiseFromLatent:
         }}
 
     def wrap(self, latent, seed):
-        return (hs.OptimisedNoise(seed, latent["samples"]),)
-
-
-def _plot(series, title, xlabel):
-    from ..plots import line_plot
-    return line_plot(series, title=title, xlabel=xlabel, ylabel="reward")
+        return (OptimisedNoise(seed, latent["samples"]),)
 
 
 NODE_CLASS_MAPPINGS = {

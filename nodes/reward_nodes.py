@@ -2,8 +2,12 @@
 module (images BCHW in [0, 1] + prompts -> Tensor[B]). Every node handles the whole batch, in chunks."""
 import torch
 
-from . import host
+from .. import runtime
+from ..host.services import auto_dtype, bchw_to_image, image_to_bchw, resolve_device
+from ..plots import heat_colours
 from ..rewards import registry
+from ..rewards.base import split_prompts
+from ..rewards.scoring import reward_gradient, score_batch, score_table
 
 CATEGORY = "RewardLab/Rewards"
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,67 +27,6 @@ def _prompts_input():
 
 def _batch_input():
     return ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": BATCH_TOOLTIP})
-
-
-def split_prompts(text, batch):
-    """Non-empty lines of ``text``: none -> None, one -> broadcast, ``batch`` -> one per image; else a clear error."""
-    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
-    if not lines:
-        return None
-    if len(lines) not in (1, batch):
-        raise ValueError(f"got {len(lines)} prompt lines for {batch} images: write one line for all images or exactly "
-                         "one line per image.")
-    return lines * batch if len(lines) == 1 else lines
-
-
-def resolve_device(policy):
-    if policy == "cpu":
-        return torch.device("cpu")
-    device = host.torch_device()
-    if policy == "gpu" and device.type == "cpu":
-        raise RuntimeError("device 'gpu' was requested but no GPU is available; choose 'auto' or 'cpu'.")
-    return device
-
-
-def resolve_dtype(name, device):
-    if DTYPES[name] is not None:
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def score_batch(reward, images_bchw, prompts, batch_size=8, with_components=False):
-    """Scores (Tensor[B] on CPU) of a whole batch, in chunks, with progress and cancel; optionally the ensemble
-    members' raw scores as {name: Tensor[B]}."""
-    n = images_bchw.shape[0]
-    bar = host.progress_bar(n)
-    scores, parts = [], {}
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            host.throw_if_interrupted()
-            chunk = images_bchw[start:start + batch_size].to(reward.device)
-            p = prompts[start:start + batch_size] if prompts else None
-            scores.append(reward(chunk, p).float().cpu())
-            for name, value in getattr(reward, "last_components", {}).items() if with_components else ():
-                parts.setdefault(name, []).append(value.float().cpu())
-            bar.update(chunk.shape[0])
-    return torch.cat(scores), {k: torch.cat(v) for k, v in parts.items()}
-
-
-def score_table(scores, prompts=None, components=None, order=None, title=""):
-    """A readable fixed-width table: (rank,) image index, score, ensemble members, prompt; then mean/min/max."""
-    components = components or {}
-    ranked = order is not None
-    order = list(range(len(scores))) if order is None else order
-    head = (f"{'rank':>4} " if ranked else "") + f"{'image':>5} {'score':>10}" + "".join(f" {k[:14]:>14}" for k in components)
-    rows = ([title] if title else []) + [head + "  prompt"]
-    for rank, i in enumerate(order):
-        row = (f"{rank + 1:>4} " if ranked else "") + f"{i:>5} {scores[i]:>10.4f}"
-        row += "".join(f" {v[i].item():>14.4f}" for v in components.values())
-        rows.append(row + "  " + (prompts[i][:60] if prompts else ""))
-    rows.append(f"mean {scores.mean().item():.4f}  min {scores.min().item():.4f}  max {scores.max().item():.4f}  n {len(scores)}")
-    return "\n".join(rows)
 
 
 # --- nodes ----------------------------------------------------------------------------------------------------
@@ -119,7 +62,8 @@ class RewardLabLoadReward:
 
     def load(self, model_name, dtype="auto", device="auto", folder="", allow_download=False, gradient_checkpointing=False):
         dev = resolve_device(device)
-        reward = registry.load_reward(model_name, dev, resolve_dtype(dtype, dev), folder.strip() or None, allow_download)
+        reward = registry.load_reward(model_name, dev, DTYPES[dtype] or auto_dtype(dev), folder.strip() or None,
+                                     allow_download)
         reward.set_grad_checkpointing(gradient_checkpointing)
         return (reward,)
 
@@ -159,7 +103,7 @@ class RewardLabWeightFreeReward:
                   "brightness": {"target": None if brightness_target < 0 else brightness_target},
                   "jpeg-compressibility": {"quality": jpeg_quality},
                   "jpeg-incompressibility": {"quality": jpeg_quality}}.get(kind, {})
-        return (registry.build_reward(kind, config=config, device=host.torch_device()),)
+        return (registry.build_reward(kind, config=config, device=runtime.current().device()),)
 
 
 class RewardLabCombineRewards:
@@ -216,7 +160,7 @@ class RewardLabScoreImages:
                 "optional": {"batch_size": _batch_input()}}
 
     def score(self, reward, images, prompts="", batch_size=8):
-        x = host.image_to_bchw(images)
+        x = image_to_bchw(images)
         lines = split_prompts(prompts, x.shape[0])
         scores, parts = score_batch(reward, x, lines, batch_size, with_components=True)
         table = score_table(scores, lines, parts, title=f"reward: {reward.name}")
@@ -246,7 +190,7 @@ class RewardLabRankImages:
                              "batch_size": _batch_input()}}
 
     def rank(self, reward, images, prompts="", top_k=1, order="best first", latent=None, batch_size=8):
-        x = host.image_to_bchw(images)
+        x = image_to_bchw(images)
         lines = split_prompts(prompts, x.shape[0])
         scores, _ = score_batch(reward, x, lines, batch_size)
         idx = torch.argsort(scores, descending=(order == "best first"), stable=True)
@@ -262,26 +206,6 @@ class RewardLabRankImages:
                 elif key == "batch_index" and isinstance(latent.get(key), list):
                     out_latent[key] = [latent[key][i] for i in idx.tolist()]
         return (images[idx.to(images.device)], out_latent, [float(scores[i]) for i in idx], table)
-
-
-def heat_colours(h):
-    """Black-red-yellow-white map for h in [0, 1], (B, 1, H, W) -> (B, 3, H, W)."""
-    return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], 1)
-
-
-def reward_gradient(reward, images_bchw, prompts, batch_size=8):
-    """d(reward)/d(pixels) for every image (each image's gradient is that of its own score), and the scores."""
-    grads, scores = [], []
-    with torch.inference_mode(False), torch.enable_grad():
-        for start in range(0, images_bchw.shape[0], batch_size):
-            host.throw_if_interrupted()
-            # A clone made outside inference mode is a normal tensor that autograd may save.
-            x = images_bchw[start:start + batch_size].clone().to(reward.device).requires_grad_(True)
-            s = reward(x, prompts[start:start + batch_size] if prompts else None)
-            (g,) = torch.autograd.grad(s.sum(), x)
-            grads.append(g.float().cpu())
-            scores.append(s.detach().float().cpu())
-    return torch.cat(grads), torch.cat(scores)
 
 
 class RewardLabRewardGradient:
@@ -308,7 +232,7 @@ class RewardLabRewardGradient:
                 "optional": {"batch_size": _batch_input()}}
 
     def gradient(self, reward, images, prompts="", mode="magnitude", overlay_strength=0.6, gamma=0.5, batch_size=8):
-        x = host.image_to_bchw(images)
+        x = image_to_bchw(images)
         grads, scores = reward_gradient(reward, x, split_prompts(prompts, x.shape[0]), batch_size)
         if mode == "magnitude":
             g = grads.abs().sum(1, keepdim=True)
@@ -320,7 +244,7 @@ class RewardLabRewardGradient:
             mag = g.abs().pow(gamma)
             heat = torch.cat([mag * (g > 0), torch.zeros_like(g), mag * (g < 0)], 1)
         overlay = (1 - overlay_strength) * x.cpu() + overlay_strength * heat
-        return (host.bchw_to_image(heat), host.bchw_to_image(overlay), [float(s) for s in scores])
+        return (bchw_to_image(heat), bchw_to_image(overlay), [float(s) for s in scores])
 
 
 class RewardLabUnloadRewards:

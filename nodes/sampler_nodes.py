@@ -1,6 +1,6 @@
 """SAMPLER node running RewardLab's own trajectory runner, so a workflow samples with exactly the implementation the
 optimisers (ReNO, noise search, DRaFT) used: an optimised NOISE or LoRA then reproduces under SamplerCustomAdvanced."""
-from .host_sampling import STEP_NAMES, RunnerSampler
+from ..host.bridge import STEP_NAMES, RunnerSampler
 
 
 class RewardLabSampler:

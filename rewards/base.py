@@ -2,8 +2,11 @@
 
 A reward maps images (float BCHW in [0, 1], any size) and prompts to a Tensor[B] of scores, higher is better,
 differentiable with respect to the images. Subclasses implement ``score(images, prompts)``; ``forward`` checks
-the inputs, broadcasts prompts and returns fp32 scores.
+the inputs, broadcasts prompts, moves the images to the reward's device and returns fp32 scores on the images'
+device (the VAE that made the images and the reward may live on different devices).
 """
+import itertools
+
 import torch
 
 
@@ -25,6 +28,7 @@ class Reward(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.grad_checkpointing = False
+        self._text_cache = {}
 
     # --- subclasses implement this ---------------------------------------------------------------------------
     def score(self, images, prompts):
@@ -35,10 +39,24 @@ class Reward(torch.nn.Module):
     def forward(self, images, prompts=None):
         images = check_images(images, self.name)
         prompts = normalize_prompts(prompts, images.shape[0], self.needs_text, self.name)
-        scores = self.score(images, prompts)
+        home = self._weights_device()
+        scores = self.score(images if home is None else images.to(home), prompts)
         if scores.shape != (images.shape[0],):
             raise RuntimeError(f"reward {self.name!r} returned shape {tuple(scores.shape)}, expected ({images.shape[0]},)")
-        return scores.float()
+        return scores.float().to(images.device)
+
+    def cached_text_features(self, prompts, encode):
+        """``encode(prompts)`` per prompt, computed once: prompts stay fixed while images are optimised. Keyed by
+        device, dtype and inference mode (inference tensors cannot be saved for a later backward); bounded."""
+        state = (str(self.device), str(self.dtype), torch.is_inference_mode_enabled())
+        missing = list(dict.fromkeys(p for p in prompts if (p, state) not in self._text_cache))
+        if missing:
+            if len(self._text_cache) > 512:
+                self._text_cache.clear()
+            with torch.no_grad():
+                for prompt, feature in zip(missing, encode(missing)):
+                    self._text_cache[(prompt, state)] = feature
+        return torch.stack([self._text_cache[(p, state)] for p in prompts])
 
     def freeze(self):
         """Eval mode and no parameter gradients; returns self."""
@@ -56,6 +74,12 @@ class Reward(torch.nn.Module):
             if module is not self and hasattr(module, "set_grad_checkpointing"):
                 module.set_grad_checkpointing(enable)
         return self
+
+    def _weights_device(self):
+        """Where the weights live; None for a weight-free reward (it scores on the images' device)."""
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            return t.device
+        return None
 
     @property
     def device(self):
@@ -112,3 +136,20 @@ def normalize_prompts(prompts, batch, needs_text, name="reward"):
         raise ValueError(f"reward {name!r}: got {len(prompts)} prompts for {batch} images; give one prompt per image "
                          "or a single prompt for all of them.")
     return prompts
+
+
+def prompt_lines(text):
+    """The non-empty, stripped lines of a multi-line prompt box."""
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
+
+
+def split_prompts(text, batch):
+    """Prompts for a batch from a prompt box: no lines -> None, one line -> broadcast, ``batch`` lines -> one per
+    image; any other count is an error that says what to write."""
+    lines = prompt_lines(text)
+    if not lines:
+        return None
+    if len(lines) not in (1, batch):
+        raise ValueError(f"got {len(lines)} prompt lines for {batch} images: write one line for all images or exactly "
+                         "one line per image.")
+    return lines * batch if len(lines) == 1 else lines

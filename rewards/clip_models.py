@@ -62,30 +62,16 @@ class ClipTextImageReward(ClipImageReward):
         super().__init__(clip.visual, preprocess)
         self.clip = clip
         self.tokenizer = tokenizer
-        self._text_cache = {}
 
-    @torch.no_grad()
     def _encode_text(self, prompts):
         tokens = self.tokenizer(prompts).to(self.device)
         return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
 
     def text_features(self, prompts):
-        # Inference-mode tensors cannot be saved for backward later, so they are cached under their own key.
-        state = (str(self.device), str(self.dtype), torch.is_inference_mode_enabled())
-        missing = list(dict.fromkeys(p for p in prompts if (p, state) not in self._text_cache))
-        if missing:
-            if len(self._text_cache) > 512:
-                self._text_cache.clear()
-            for p, f in zip(missing, self._encode_text(missing)):
-                self._text_cache[(p, state)] = f
-        return torch.stack([self._text_cache[(p, state)] for p in prompts])
+        return self.cached_text_features(prompts, self._encode_text)
 
     def cosine(self, images, prompts):
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._text_cache = {}  # device/dtype change
-        return super()._apply(fn, *args, **kwargs)
 
 
 def _tokenizer(config, clip):

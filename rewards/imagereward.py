@@ -1,4 +1,4 @@
-"""ImageReward v1.0 (Xu et al., 2023), reimplemented without the ``image-reward`` package (docs/rewards.md §6).
+"""ImageReward v1.0 (Xu et al., 2023), reimplemented without the ``image-reward`` package (rewards/README.md).
 
   image tokens = BLIP ViT-L/16 (all 197 tokens after the final LayerNorm)         timm VisionTransformer
   text state   = BLIP "MED" BERT-base over the prompt, every layer cross-attending  transformers BlipTextModel

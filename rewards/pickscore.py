@@ -1,6 +1,6 @@
 """PickScore v1 (Kirstain et al., 2023): a CLIP-H fine-tuned on Pick-a-Pic human preferences.
 
-score = logit_scale.exp() * cos(image embedding, text embedding); typically about 20-23 (docs/rewards.md §4).
+score = logit_scale.exp() * cos(image embedding, text embedding); typically about 20-23 (rewards/README.md).
 The model is a transformers ``CLIPModel`` loaded from the published Hugging Face ``model.safetensors``
 (yuvalkirstain/PickScore_v1). Preprocessing is the reference ``CLIPImageProcessor`` (shorter side to 224,
 bicubic, centre crop, OpenAI mean/std), made differentiable (``clip_processor_transform``).
@@ -48,7 +48,6 @@ class PickScore(Reward):
         self.clip = clip
         self.tokenizer = tokenizer
         self.input_size = clip.config.vision_config.image_size
-        self._text_cache = {}
         self.freeze()
 
     def set_grad_checkpointing(self, enable=True):
@@ -70,23 +69,13 @@ class PickScore(Reward):
         tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
 
-    @torch.no_grad()
     def _encode_text(self, prompts):
         input_ids, attention_mask = self.tokenize(prompts)
         features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(_pooled(features).float(), dim=-1)
 
     def text_embeddings(self, prompts):
-        """Normalised text embeddings, cached per prompt: prompts stay fixed while images are optimised. Keyed by
-        device, dtype and inference mode (inference tensors cannot be saved for a later backward)."""
-        state = (str(self.device), str(self.dtype), torch.is_inference_mode_enabled())
-        missing = list(dict.fromkeys(p for p in prompts if (p, state) not in self._text_cache))
-        if missing:
-            if len(self._text_cache) > 512:
-                self._text_cache.clear()
-            for prompt, feature in zip(missing, self._encode_text(missing)):
-                self._text_cache[(prompt, state)] = feature
-        return torch.stack([self._text_cache[(p, state)] for p in prompts])
+        return self.cached_text_features(prompts, self._encode_text)
 
     def image_embeddings(self, images):
         pixels = self.preprocess(images).to(self.dtype)

@@ -1,6 +1,6 @@
 """Differentiable image preprocessing for reward models (fp32, no PIL, no rounding).
 
-Each mode reproduces a reference pipeline (see docs/rewards.md §1):
+Each mode reproduces a reference pipeline (see rewards/README.md, "Pitfalls handled here"):
   shortest     torchvision Resize(size) on the shorter side + CenterCrop(size)   CLIP, PickScore, ImageReward, aesthetic
   longest_pad  resize the longer side to size, zero-pad to a square (HPSv2 ResizeMaxSize)
   squash       resize to exactly size x size                                      SigLIP (aesthetic v2.5)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import runtime
+
 log = logging.getLogger("rewardlab")
 
 
@@ -75,7 +77,7 @@ def resolve_files(name, folder=None, allow_download=False):
     """{role: path} for every weight file of ``name``: local reward folders first (ComfyUI models/rewards,
     $REWARDLAB_MODELS, then ``folder``); the Hugging Face hub only when ``allow_download`` is True."""
     spec = get_spec(name)
-    folders = _host().reward_folders(folder)
+    folders = runtime.current().reward_folders() + ([folder] if folder else [])
     files = {}
     for wf in spec.files:
         path = find_file(spec, wf, folders)
@@ -131,7 +133,7 @@ def build_reward(name, files=None, config=None, device="cpu", dtype=torch.float3
 
 def load_reward(name, device=None, dtype=torch.float32, folder=None, allow_download=False, config=None):
     """The cached reward model ``name`` on ``device`` in ``dtype`` (keyed by name, device, dtype, files, config)."""
-    device = torch.device(device) if device is not None else _host().torch_device()
+    device = torch.device(device) if device is not None else runtime.current().device()
     files = resolve_files(name, folder, allow_download)
     key = (name, str(device), str(dtype), tuple(sorted(files.items())), tuple(sorted((config or {}).items())))
     if key not in _CACHE:
@@ -149,14 +151,8 @@ def unload(name=None):
     for k in keys:
         del _CACHE[k]
     if keys:
-        _host().free_memory()
+        runtime.current().free_memory()
     return len(keys)
-
-
-def _host():
-    from ..nodes import host  # lazy: nodes/__init__ imports the node modules, which import this module
-
-    return host
 
 
 # --- the entries ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
     x_T ─► step ─► step ─► … ─► step ─► x_0          (denoiser: model(x, sigma, **extra) -> x̂0)
            ╰ no-grad prefix ╯ ╰ grad suffix ╯
 
-How the methods map onto it (see algorithms.md):
+How the methods map onto it (see docs/methods.md):
   DRaFT        Policy.all()                        grad through every step (checkpoint=True to fit memory)
   DRaFT-K      Policy.last(k)                      steps before the last k run without a graph
   DRaFT-LV     no-grad chain, then sample(sigmas=[σ1, 0]) on n re-noised copies, grad on that one step
@@ -88,7 +88,7 @@ def _denoise(model, x, sigma, extra, use_checkpoint):
 
 
 def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callback=None, cancel=None,
-           generator=None, flow=False):
+           generator=None, flow=False, on_grad_call=None):
     """Run ``model`` from x (already at sigmas[0]) down the sigmas. Returns Trajectory(x, denoised).
 
     step:      a name from steps.STEPS or a step function.
@@ -97,6 +97,8 @@ def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callbac
     cancel:    called before every step; a truthy return raises Cancelled.
     generator: torch.Generator for ancestral noise, so a trajectory is reproducible (e.g. fixed across ReNO
                iterations) without touching the global RNG.
+    on_grad_call: called after every denoiser call that records gradients with (x_in, sigma, denoised), the graph
+               attached and outside any checkpoint (DRaFT+'s penalty compares ``denoised`` with the frozen model).
     """
     step_fn = get_step(step, flow=flow) if isinstance(step, str) else step
     policy = policy or Policy.all()
@@ -120,6 +122,8 @@ def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callbac
         with torch.set_grad_enabled(on):
             inp = x.detach() if on and policy.stop_grad_input(i, n) else x
             denoised = _denoise(model, inp, sigmas[i], extra, on and policy.checkpoint)
+            if on and on_grad_call is not None:
+                on_grad_call(inp, sigmas[i], denoised)
         if not on:
             denoised = denoised.detach()
             if policy.prefix == "no_grad":

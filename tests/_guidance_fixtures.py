@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from rewardlab.samplers import sigma_schedule
-from rewardlab.samplers.schedules import scaled_linear_model_sigmas
+from rewardlab.samplers.sigmas import scaled_linear_model_sigmas
 
 
 class GaussianDenoiser(nn.Module):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from rewardlab.samplers import CFGDenoiser, ModuleDenoiser, scaled_linear_model_sigmas, sigma_schedule
-from rewardlab.samplers.noise_opt import Chain
+from rewardlab.noise.chain import Chain
 
 C, H, W = 4, 8, 8
 

@@ -1,4 +1,4 @@
-"""Server routes (nodes/routes.py) driven with aiohttp's test utilities, without ComfyUI."""
+"""Server routes (host/routes.py) driven with aiohttp's test utilities, without ComfyUI."""
 import asyncio
 import io
 
@@ -7,7 +7,8 @@ from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from rewardlab.nodes import host, routes
+from rewardlab import runtime
+from rewardlab.host import routes, services
 from rewardlab.training import status
 
 
@@ -33,12 +34,12 @@ def output_dir(tmp_path, monkeypatch):
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "bright.png").write_bytes(png(230))
     (tmp_path / "secret.png").write_bytes(png(10))
-    monkeypatch.setattr(host, "output_directory", lambda: str(out))
+    monkeypatch.setattr(runtime.current(), "output_directory", lambda: str(out))
     return out
 
 
 def test_not_registered_outside_comfyui():
-    assert host.prompt_server_routes() is None
+    assert services.prompt_server_routes() is None
     assert routes.install() is False and routes._installed is False
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from rewardlab.samplers.guidance import (APG, CFG, CFGRescale, CFGZeroStar, RunInfo, combine, from_space, to_space)
+from rewardlab.samplers.guidance import (APG, CFG, CFGRescale, CFGZeroStar, RunInfo, apply_combiner, from_space, to_space)
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _guidance_fixtures import sd_sigmas  # noqa: E402
@@ -48,7 +48,7 @@ def test_cfg_is_the_plain_formula_in_any_space():
     for kind in ("eps", "const"):
         ctx = ctx_of(kind)
         sigma = torch.full((2,), ctx.sigma)
-        assert torch.allclose(combine(CFG(), c, u, x, sigma, ctx, 6.0), u + 6.0 * (c - u), atol=1e-5)
+        assert torch.allclose(apply_combiner(CFG(), c, u, x, sigma, ctx, 6.0), u + 6.0 * (c - u), atol=1e-5)
 
 
 def apg_reference(c, u, w, eta, r, beta, prev=None):
@@ -72,11 +72,11 @@ def test_apg_matches_paper_at_scale_w():
     ctx = ctx_of()
     sigma = torch.full((2,), ctx.sigma)
     apg = APG(eta=0.3, norm_threshold=4.0, momentum=-0.5)
-    got1 = combine(apg, c, u, x, sigma, ctx, 5.0)
+    got1 = apply_combiner(apg, c, u, x, sigma, ctx, 5.0)
     ref1, avg = apg_reference(c, u, 5.0, 0.3, 4.0, -0.5)
     assert torch.allclose(got1, ref1, atol=1e-5)
     _, c2, u2 = preds(seed=1)
-    got2 = combine(apg, c2, u2, x, sigma, ctx, 5.0)                 # momentum carries over inside the run
+    got2 = apply_combiner(apg, c2, u2, x, sigma, ctx, 5.0)                 # momentum carries over inside the run
     ref2, _ = apg_reference(c2, u2, 5.0, 0.3, 4.0, -0.5, prev=avg)
     assert torch.allclose(got2, ref2, atol=1e-5)
 
@@ -85,7 +85,7 @@ def test_apg_neutral_parameters_give_cfg_at_w_not_w_plus_1():
     x, c, u = preds()
     ctx = ctx_of()
     sigma = torch.full((2,), ctx.sigma)
-    got = combine(APG(eta=1.0), c, u, x, sigma, ctx, 4.0)
+    got = apply_combiner(APG(eta=1.0), c, u, x, sigma, ctx, 4.0)
     assert torch.allclose(got, u + 4.0 * (c - u), atol=1e-5)         # ComfyUI core's APG would give CFG at 5.0
     assert not torch.allclose(got, u + 5.0 * (c - u), atol=1e-3)
 
@@ -96,7 +96,7 @@ def test_cfg_zero_star_is_in_velocity_space():
     s = ctx.sigma
     sigma = torch.full((2,), s)
     w = 4.0
-    got = combine(CFGZeroStar(), c, u, x, sigma, ctx, w)
+    got = apply_combiner(CFGZeroStar(), c, u, x, sigma, ctx, w)
     vc, vu = (x - c) / s, (x - u) / s                               # flow velocities
     star = (vc * vu).flatten(1).sum(1) / (vu * vu).flatten(1).sum(1)
     star = star.view(-1, 1, 1, 1)
@@ -119,12 +119,12 @@ def test_cfg_rescale_formula():
     ctx = ctx_of()
     sigma = torch.full((2,), ctx.sigma)
     w, phi = 7.0, 0.7
-    got = combine(CFGRescale(phi, space="x0"), c, u, x, sigma, ctx, w)
+    got = apply_combiner(CFGRescale(phi, space="x0"), c, u, x, sigma, ctx, w)
     cfg = u + w * (c - u)
     resc = cfg * c.std(dim=(1, 2, 3), keepdim=True) / cfg.std(dim=(1, 2, 3), keepdim=True)
     assert torch.allclose(got, phi * resc + (1 - phi) * cfg, atol=1e-5)
     # default space is v-prediction: differs from the x0-space result
-    assert not torch.allclose(combine(CFGRescale(phi), c, u, x, sigma, ctx, w), got, atol=1e-3)
+    assert not torch.allclose(apply_combiner(CFGRescale(phi), c, u, x, sigma, ctx, w), got, atol=1e-3)
 
 
 @pytest.mark.parametrize("combiner", [CFG(), APG(), CFGZeroStar(), CFGRescale()])
@@ -132,7 +132,7 @@ def test_weight_one_reduces_to_cond(combiner):
     x, c, u = preds()
     ctx = ctx_of()
     sigma = torch.full((2,), ctx.sigma)
-    assert torch.allclose(combine(combiner, c, u, x, sigma, ctx, 1.0), c, atol=1e-5)
+    assert torch.allclose(apply_combiner(combiner, c, u, x, sigma, ctx, 1.0), c, atol=1e-5)
 
 
 def test_bad_space_is_rejected():

@@ -9,7 +9,7 @@ import torch
 
 from rewardlab.nodes import guidance_nodes as gn
 from rewardlab.samplers import guidance as g
-from rewardlab.samplers.schedules import scaled_linear_model_sigmas, sigma_schedule
+from rewardlab.samplers.sigmas import scaled_linear_model_sigmas, sigma_schedule
 
 RUN = g.RunInfo(sigma_schedule("karras", 9, scaled_linear_model_sigmas()), "eps")
 
@@ -74,18 +74,18 @@ def test_keyframes_sigmas_math_transform_nodes():
 def test_spec_from_guider_widgets():
     kw = dict(apg_eta=0.2, apg_norm_threshold=3.0, apg_momentum=-0.5, zero_init_steps=2, rescale_phi=0.5,
               space="default", adaptive_guidance=True, adaptive_threshold=0.95, adaptive_space="eps")
-    spec = gn.build_spec(g.Constant(6.0), combiner="apg", **kw)
+    spec = g.spec_from_options(g.Constant(6.0), combiner="apg", **kw)
     assert isinstance(spec.combiner, g.APG) and spec.combiner.momentum == -0.5 and spec.combiner.space == "x0"
     assert isinstance(spec.gates[0], g.AdaptiveGuidance) and spec.gates[0].threshold == 0.95
-    z = gn.build_spec(g.Constant(6.0), combiner="cfg_zero_star", **dict(kw, space="x0", adaptive_guidance=False))
+    z = g.spec_from_options(g.Constant(6.0), combiner="cfg_zero_star", **dict(kw, space="x0", adaptive_guidance=False))
     assert z.combiner.space == "x0" and z.combiner.zero_init_steps == 2 and z.gates == ()
-    assert gn.build_combiner("cfg_rescale", 0, 0, 0, 0, 0.5, "default").space == "v_pred"
+    assert g.make_combiner("cfg_rescale", 0, 0, 0, 0, 0.5, "default").space == "v_pred"
     with pytest.raises(ValueError, match="combiner"):
-        gn.build_combiner("pag", 0, 0, 0, 0, 0.5, "default")
+        g.make_combiner("pag", 0, 0, 0, 0, 0.5, "default")
 
 
 def test_comfy_facing_module_imports_without_comfy():
-    code = ("import sys, rewardlab.nodes.guidance_comfy, rewardlab.nodes.guidance_nodes; "
+    code = ("import sys, rewardlab.host.guidance, rewardlab.nodes.guidance_nodes; "
             "print([m for m in ('comfy', 'diffusers', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ from rewardlab.samplers.guidance import (Add, Affine, ClampLinear, Constant, Cos
                                          Linear, Max, Min, Multiply, NormalizeMean, PerStep, PowerCosine, Remap,
                                          RunInfo, VShape, wang)
 from rewardlab.samplers.guidance.context import sigma_edm, table_progress
-from rewardlab.samplers.schedules import scaled_linear_model_sigmas
+from rewardlab.samplers.sigmas import scaled_linear_model_sigmas
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _guidance_fixtures import sd_sigmas  # noqa: E402

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from rewardlab.samplers.noise_opt import (chi_regulariser, noise_gradient, noise_norms, optimise_noise, reno,
+from rewardlab.noise.optimise import (chi_regulariser, noise_gradient, noise_norms, optimise_noise, reno,
                                           doodl)
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from rewardlab.samplers.search import (CallCounter, default_forks, noise_search, path_plan_cost, perturb)
+from rewardlab.noise.chain import CallCounter
+from rewardlab.noise.search import (default_forks, noise_search, path_plan_cost, perturb)
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _noise_fixtures import RankReward, TargetReward, TextReward, noise, toy_chain

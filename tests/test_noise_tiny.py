@@ -5,8 +5,8 @@ import torch
 from rewardlab.rewards.ensemble import RewardEnsemble
 from rewardlab.rewards.simple import build as build_simple
 from rewardlab.samplers import sigma_schedule
-from rewardlab.samplers.noise_opt import Chain, reno
-from rewardlab.samplers.search import noise_search
+from rewardlab.noise import Chain, reno
+from rewardlab.noise.search import noise_search
 
 PROMPT = "a red circle on a blue background"
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from rewardlab.host.services import auto_dtype
 from rewardlab.nodes import reward_nodes as rn
 from rewardlab.rewards import registry, simple
 from rewardlab.rewards.base import Reward
@@ -121,7 +122,7 @@ def test_load_node_caches_weight_free_and_reports_missing_weights(tmp_path, monk
     assert node.load("sharpness", "fp32", "cpu")[0] is first
     with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE|ViT-L-14-quickgelu-openai"):
         node.load("aesthetic-v2", "auto", "cpu", folder=str(tmp_path))
-    assert rn.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert auto_dtype(torch.device("cpu")) == torch.float32
     assert "unloaded" in rn.RewardLabUnloadRewards().unload("sharpness")[0]
     assert node.load("sharpness", "fp32", "cpu")[0] is not first
     assert "model_name" in rn.RewardLabUnloadRewards.INPUT_TYPES()["required"]

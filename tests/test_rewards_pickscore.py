@@ -115,7 +115,7 @@ def test_batch_with_per_image_prompts_matches_one_by_one(reward, images):
 
 
 def test_pil_processor_path_within_8bit_tolerance(reward, reference, images):
-    """Against the PIL processor on 8-bit images: pixels within the documented 8-bit tolerance (rewards.md §1)."""
+    """Against the PIL processor on 8-bit images: pixels within the documented 8-bit tolerance (rewards/README.md)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     processor = CLIPImageProcessorPil()

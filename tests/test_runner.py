@@ -5,7 +5,7 @@ from torch import nn
 
 from rewardlab.samplers import Cancelled, ModuleDenoiser, Policy, sample, sigma_schedule
 from rewardlab.samplers import scaled_linear_model_sigmas, steps
-from rewardlab.samplers.schedules import SCHEDULER_NAMES, exponential, karras
+from rewardlab.samplers.sigmas import SCHEDULER_NAMES, exponential, karras
 
 
 class ToyNet(nn.Module):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rewardlab.samplers import DiscreteDenoiser, FlowDenoiser, sample, sigma_schedule
-from rewardlab.samplers.schedules import leading
+from rewardlab.samplers.sigmas import leading
 
 TOL = 1e-5
 

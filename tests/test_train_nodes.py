@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from rewardlab.nodes import host
+from rewardlab import runtime
+from rewardlab.host.bundle import ComfyBundle
 from rewardlab.nodes import train_nodes as tn
+from rewardlab.plots import image_grid, training_curve
 from rewardlab.training import checkpoints as ckpt
-from rewardlab.training.lora import apply_lora, inject_lora, lora_state_dict
+from rewardlab.training.lora import apply_lora, inject_lora, lora_state_dict, mix_lora_state_dicts
 
 
 def trained_lora(seed):
@@ -29,7 +31,7 @@ def delta(sd, prefix):
 
 def test_mix_node_gives_the_weighted_sum_of_deltas():
     a, b = trained_lora(0), trained_lora(1)
-    mixed = tn.mix_loras(a, 0.7, b, -1.5)
+    mixed = mix_lora_state_dicts([(a, 0.7), (b, -1.5)])
     for p in ("diffusion_model.0", "diffusion_model.2"):
         torch.testing.assert_close(delta(mixed, p), 0.7 * delta(a, p) - 1.5 * delta(b, p), rtol=1e-5, atol=1e-6)
     # and it applies to a model like any LoRA file
@@ -40,7 +42,7 @@ def test_mix_node_gives_the_weighted_sum_of_deltas():
 
 
 def test_save_node_writes_under_output_loras_and_refuses_traversal(tmp_path, monkeypatch):
-    monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(runtime.current(), "output_directory", lambda: str(tmp_path))
     lora = trained_lora(0)
     out = tn.RewardLabSaveRewardLoRA().save(lora, "../../evil")
     path = out["result"][0]
@@ -52,13 +54,13 @@ def test_save_node_writes_under_output_loras_and_refuses_traversal(tmp_path, mon
 
 def test_preview_grid_and_curve_are_comfy_images():
     imgs = torch.rand(5, 3, 8, 8)
-    grid = tn.image_grid(imgs)
+    grid = image_grid(imgs)
     assert grid.shape == (1, 2 * 8 + 2, 3 * 8 + 2 * 2, 3)
     torch.testing.assert_close(grid[0, :8, :8].movedim(-1, 0), imgs[0])
     torch.testing.assert_close(grid[0, 10:18, 10:18].movedim(-1, 0), imgs[4])
     log = [{"step": i + 1, "reward": 0.1 * i, "loss": -0.1 * i, **({"heldout_reward": 0.05 * i} if i % 2 else {})}
            for i in range(6)]
-    curve = tn.curve_image(log)
+    curve = training_curve(log)
     assert curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() <= curve.max() <= 1
 
 
@@ -75,4 +77,4 @@ def test_node_schemas():
 
 def test_comfy_bundle_needs_conditioning_or_clip():
     with pytest.raises(ValueError, match="CONDITIONING"):
-        tn.ComfyBundle(model=None, vae=None, width=512, height=512)
+        ComfyBundle(model=None, vae=None, width=512, height=512)

@@ -11,6 +11,8 @@ import tempfile
 
 import torch
 
+from ..runtime import safe_output_path
+
 STATE_SUFFIX = ".state.pt"
 
 
@@ -62,9 +64,7 @@ def load_checkpoint(lora_path):
 def output_lora_path(name, root=None, subfolder="loras"):
     """<output>/loras/<name>.safetensors for a user-given name, which cannot escape the output folder
     ('../x' becomes 'x'). Inside ComfyUI <output> is its output directory, so LoraLoader lists the file."""
-    from ..nodes import host
-
     name = str(name)
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
-    return host.safe_output_path(subfolder, name, ".safetensors", root=root)
+    return safe_output_path(subfolder, name, ".safetensors", root=root)

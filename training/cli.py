@@ -14,8 +14,10 @@ import time
 
 import torch
 
-from .draft import METHODS, DraftConfig, Trainer, TrainingStopped
-from .lora import ATTENTION_TARGETS
+from ..plots import save_image, save_png, training_curve
+from ..runtime import safe_output_path
+from .draft import DraftConfig, Trainer, TrainingStopped
+from .options import add_cli_arguments, cli_values, config_from_options
 
 TINY_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
                 "a yellow triangle on a black background", "a blue cross on a yellow background",
@@ -31,32 +33,12 @@ def add_train_command(subparsers):
     p.add_argument("--reward", default="colourfulness", help="reward name (rewardlab rewards list)")
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (default: tiny captions)")
     p.add_argument("--heldout", default=None, help="text file of held-out prompts")
-    p.add_argument("--method", default="draft_k", choices=METHODS)
-    p.add_argument("--k", type=int, default=1, help="K (DRaFT-K / DRTune grad steps, AlignProp max)")
-    p.add_argument("--lv-n", type=int, default=2, help="DRaFT-LV re-noised copies")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 SD, 8 tiny)")
-    p.add_argument("--sampler", default="euler")
+    p.add_argument("--sampler", default="euler", help="step function (euler, ddim, euler_ancestral, dpmpp_2m)")
     p.add_argument("--scheduler", default=None, help="sigma schedule (default: leading for SD, simple for tiny)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7.5 SD, 3 tiny)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--targets", default="attention", choices=("attention", "all"))
-    p.add_argument("--train-steps", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--heldout-every", type=int, default=0)
-    p.add_argument("--early-stop", type=int, default=0, help="patience in held-out evaluations (0: off)")
-    p.add_argument("--kl-weight", type=float, default=0.0, help="DRaFT+ ε-L2 penalty to the base model")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--no-checkpointing", action="store_true")
-    p.add_argument("--compile-prefix", default=None, help="torch.compile backend for the no-grad prefix (inductor)")
-    p.add_argument("--seed", type=int, default=0)
+    add_cli_arguments(p)          # the DRaFT settings, from the table the node shares (training/options.py)
+    p.set_defaults(steps=None, cfg=None)      # per model: 50 steps / cfg 7.5 for SD, 8 / 3 for the tiny model
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--out", default="rewardlab_train", help="output folder")
     p.add_argument("--name", default="draft_lora", help="LoRA file name (no folders)")
@@ -90,24 +72,6 @@ def _init_distributed(device):
     return device
 
 
-def save_png(images_bchw, path, columns=None):
-    from PIL import Image
-
-    from ..nodes.train_nodes import image_grid
-
-    grid = image_grid(images_bchw, columns)[0]
-    Image.fromarray((grid.numpy() * 255).round().astype("uint8")).save(path)
-
-
-def save_curve(log, path, title):
-    from PIL import Image
-
-    from ..nodes.train_nodes import curve_image
-
-    img = curve_image(log, title)[0]
-    Image.fromarray((img.numpy() * 255).round().astype("uint8")).save(path)
-
-
 def build(args):
     """(bundle, config, prompts, heldout) from parsed arguments."""
     from .bundle import diffusers_bundle, tiny_bundle
@@ -119,15 +83,11 @@ def build(args):
         bundle = tiny_bundle(device=device)
     else:
         bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width)
-    config = DraftConfig(
-        method=args.method, k=args.k, lv_n=args.lv_n, steps=args.steps or (8 if tiny else 50), sampler=args.sampler,
-        scheduler=args.scheduler or ("simple" if tiny else "leading"), cfg=args.cfg if args.cfg is not None else
-        (3.0 if tiny else 7.5), batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, rank=args.rank, alpha=args.alpha,
-        targets=ATTENTION_TARGETS if args.targets == "attention" else None, train_steps=args.train_steps,
-        seed=args.seed, precision=args.precision, checkpointing=not args.no_checkpointing, kl_weight=args.kl_weight,
-        heldout_every=args.heldout_every, early_stop_patience=args.early_stop, save_every=args.save_every,
-        compile_prefix=args.compile_prefix)
+    values = cli_values(args)
+    values["steps"] = args.steps or (8 if tiny else 50)
+    values["cfg"] = args.cfg if args.cfg is not None else (3.0 if tiny else 7.5)
+    config = config_from_options(values, sampler=args.sampler,
+                                 scheduler=args.scheduler or ("simple" if tiny else "leading"))
     prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"])
     heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [])
     return bundle, config, prompts, heldout
@@ -135,9 +95,7 @@ def build(args):
 
 def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume=False, log=print):
     """Train, write the files, return a summary dict (rewards before/after, paths)."""
-    from ..nodes import host
-
-    lora_path = host.safe_output_path("", name, ".safetensors", root=out)
+    lora_path = safe_output_path("", name, ".safetensors", root=out)
     stem = os.path.splitext(lora_path)[0]
     trainer = Trainer(bundle, reward, config, prompts=prompts, heldout=heldout, lora_path=lora_path,
                       run_id=os.path.basename(lora_path),
@@ -163,7 +121,8 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
     if trainer.rank == 0:
         save_png(before_imgs, stem + "_before.png", columns=config.batch_size)
         save_png(after_imgs, stem + "_after.png", columns=config.batch_size)
-        save_curve(result.log, stem + "_curve.png", f"{config.method} on {getattr(reward, 'name', 'reward')}")
+        save_image(training_curve(result.log, f"{config.method} on {getattr(reward, 'name', 'reward')}"),
+                   stem + "_curve.png")
         with open(stem + "_log.json", "w", encoding="utf-8") as f:
             json.dump({"summary": summary, "config": vars_of(config), "log": result.log}, f, indent=1)
         summary.update(before=stem + "_before.png", after=stem + "_after.png", curve=stem + "_curve.png")

@@ -1,6 +1,6 @@
 """DRaFT-family reward fine-tuning of a LoRA: one training loop over the core runner.
 
-Every method is one or two calls of ``samplers.sample`` with a gradient ``Policy`` (algorithms.md §1):
+Every method is one or two calls of ``samplers.sample`` with a gradient ``Policy`` (docs/methods.md):
 
   draft      DRaFT, grad through every step                 Policy.all()
   draft_k    DRaFT-K, grad through the last K steps         Policy.last(K)
@@ -24,15 +24,15 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from .. import runtime
 from ..samplers import Cancelled, Policy, noise_scaling, sample
 from . import checkpoints as ckpt
 from .lora import ATTENTION_TARGETS, load_lora_state_dict, lora_parameters, lora_state_dict
 
-METHODS = ("draft_k", "draft_lv", "draft", "alignprop", "refl", "drtune")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -60,13 +60,13 @@ class DraftConfig:
     train_steps: int = 100
     seed: int = 0
     shuffle: bool = True
-    precision: str = "fp32"       # bf16/fp16 autocast is used on CUDA only
+    precision: str = "bf16"       # bf16/fp16 autocast is used on CUDA only
     checkpointing: bool = True    # recompute each grad-step denoiser call in backward
     kl_weight: float = 0.0        # DRaFT+ ε-L2 penalty to the frozen base
     reward_cap: float = None      # loss = ReLU(cap − reward) instead of −reward
     heldout_every: int = 0        # score the held-out prompts every N steps (0: never)
     early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
-    save_every: int = 0           # checkpoint every N steps (0: only at the end)
+    save_every: int = 50          # checkpoint every N steps (0: only at the end); needs a lora_path
     compile_prefix: str = None    # torch.compile backend for no-grad denoiser calls ("inductor"); None: eager
 
     def validate(self):
@@ -77,17 +77,11 @@ class DraftConfig:
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.steps >= 1, "steps (sampling steps) must be >= 1")
         need(1 <= self.k, f"K must be >= 1, got {self.k}")
-        need(self.method not in ("draft_k", "drtune") or self.k <= self.steps,
-             f"K={self.k} exceeds the {self.steps} sampling steps; lower K or raise steps")
-        need(self.method != "alignprop" or 1 <= self.k_min <= min(self.k, self.steps),
-             f"AlignProp needs 1 <= k_min ({self.k_min}) <= k ({self.k}) <= steps ({self.steps})")
-        need(self.lv_n >= 1, "DRaFT-LV needs n >= 1 re-noised copies")
-        need(self.alignprop_prefix in ("no_grad", "detach"), "alignprop_prefix must be 'no_grad' or 'detach'")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         need(self.lr > 0, "lr must be > 0")
         need(self.rank >= 1, "LoRA rank must be >= 1")
-        lo, hi = self.refl_span()
-        need(0 <= lo <= hi < self.steps, f"ReFL step range must lie in [0, {self.steps - 1}], got {(lo, hi)}")
+        problem = METHODS[self.method].check(self)
+        need(problem is None, problem)
 
     def refl_span(self):
         if self.refl_range is not None:
@@ -106,6 +100,97 @@ class Plan:
     k: int = None                  # AlignProp's K for this trajectory
     m: int = None                  # ReFL's step
     lv_noise: list = field(default_factory=list)
+
+
+# --- the methods: one record each ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """One DRaFT-family method, in one place: its settings check, what it draws per micro-batch, and how a plan
+    becomes rewarded images with the graph attached.
+
+    check(config)            -> None, or a message naming the fix
+    draw(config, gen, shape) -> extra Plan fields ({"k": ...}); drawn from the micro-batch's private generator
+    render(trainer, plan, den, hook) -> (images, rewards); ``hook`` is the runner's on_grad_call (DRaFT+ penalty)
+    """
+    name: str
+    label: str
+    check: Callable = field(default=lambda c: None)
+    draw: Callable = field(default=lambda c, g, shape: {})
+    render: Callable = None
+
+
+def _k_within_steps(c):
+    if c.k > c.steps:
+        return f"K={c.k} exceeds the {c.steps} sampling steps; lower K or raise steps"
+    return None
+
+
+def _trajectory(policy):
+    """A single-trajectory method: sample with ``policy(config, plan)`` (checkpointed as configured) and reward the
+    final image."""
+    def render(trainer, plan, den, hook):
+        c = trainer.cfg
+        x = trainer.run(den, trainer.start(plan), trainer.schedule(), policy(c, plan), plan, hook).x
+        images = trainer.bundle.decode(x)
+        return images, trainer.reward(images, plan.prompts)
+    return render
+
+
+def _render_lv(trainer, plan, den, hook):
+    """DRaFT-LV: a no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad."""
+    b, sig = trainer.bundle, trainer.schedule()
+    with torch.no_grad():
+        x0 = trainer.run(den, trainer.start(plan), sig, Policy.none(), plan).x
+    last = torch.stack([sig[-2], sig[-1]])
+    images, rewards = [], []
+    for eps in plan.lv_noise:
+        x1 = noise_scaling(last[0], eps.to(b.device), x0, flow=b.flow, max_denoise=False)
+        img = b.decode(trainer.run(den, x1, last, Policy.all(checkpoint=trainer.cfg.checkpointing), plan, hook).x)
+        images.append(img)
+        rewards.append(trainer.reward(img, plan.prompts))
+    return torch.cat(images), torch.stack(rewards).mean(0)
+
+
+def _render_refl(trainer, plan, den, hook):
+    """ReFL: no grad down to step m, one grad call there; the reward scores that call's x̂0."""
+    policy = Policy.last(1, checkpoint=trainer.cfg.checkpointing)
+    traj = trainer.run(den, trainer.start(plan), trainer.schedule()[: plan.m + 2], policy, plan, hook)
+    images = trainer.bundle.decode(traj.denoised)
+    return images, trainer.reward(images, plan.prompts)
+
+
+def _check_alignprop(c):
+    if not 1 <= c.k_min <= min(c.k, c.steps):
+        return f"AlignProp needs 1 <= k_min ({c.k_min}) <= k ({c.k}) <= steps ({c.steps})"
+    if c.alignprop_prefix not in ("no_grad", "detach"):
+        return "alignprop_prefix must be 'no_grad' or 'detach'"
+    return None
+
+
+def _check_refl(c):
+    lo, hi = c.refl_span()
+    return None if 0 <= lo <= hi < c.steps else f"ReFL step range must lie in [0, {c.steps - 1}], got {(lo, hi)}"
+
+
+METHODS = {m.name: m for m in (
+    Method("draft_k", "DRaFT-K", check=_k_within_steps,
+           render=_trajectory(lambda c, p: Policy.last(c.k, checkpoint=c.checkpointing))),
+    Method("draft_lv", "DRaFT-LV",
+           check=lambda c: None if c.lv_n >= 1 else "DRaFT-LV needs n >= 1 re-noised copies",
+           draw=lambda c, g, shape: {"lv_noise": [torch.randn(shape, generator=g) for _ in range(c.lv_n)]},
+           render=_render_lv),
+    Method("draft", "DRaFT (full)", render=_trajectory(lambda c, p: Policy.all(checkpoint=c.checkpointing))),
+    Method("alignprop", "AlignProp", check=_check_alignprop,
+           draw=lambda c, g, shape: {"k": int(torch.randint(c.k_min, min(c.k, c.steps) + 1, (), generator=g))},
+           render=_trajectory(lambda c, p: Policy.last(p.k, prefix=c.alignprop_prefix, checkpoint=c.checkpointing))),
+    Method("refl", "ReFL", check=_check_refl,
+           draw=lambda c, g, shape: {"m": int(torch.randint(c.refl_span()[0], c.refl_span()[1] + 1, (), generator=g))},
+           render=_render_refl),
+    Method("drtune", "DRTune", check=_k_within_steps,
+           render=_trajectory(lambda c, p: Policy.at(drtune_steps(c.steps, c.k), stop_grad_input=True, prefix="detach",
+                                                     checkpoint=c.checkpointing))),
+)}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -182,7 +267,7 @@ class Trainer:
         self.bundle, self.reward = bundle, reward
         self.prompts, self.heldout = list(prompts), list(heldout)
         self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
-        self.free_memory = free_memory or _default_free_memory
+        self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
         self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha, c.targets)
         self.params = lora_parameters(self.adapters)
@@ -222,88 +307,47 @@ class Trainer:
         g = _generator(c.seed, "batch", index)
         prompts = [self._prompt(index * c.batch_size + b) for b in range(c.batch_size)]
         shape = (c.batch_size, *self.bundle.latent_shape)
-        plan = Plan(step, micro, prompts, torch.randn(shape, generator=g),
-                    seed=int(torch.randint(0, 2**62, (), generator=g)))
-        if c.method == "alignprop":
-            plan.k = int(torch.randint(c.k_min, min(c.k, c.steps) + 1, (), generator=g))
-        if c.method == "refl":
-            lo, hi = c.refl_span()
-            plan.m = int(torch.randint(lo, hi + 1, (), generator=g))
-        if c.method == "draft_lv":
-            plan.lv_noise = [torch.randn(shape, generator=g) for _ in range(c.lv_n)]
-        return plan
-
-    def policy(self, plan):
-        c, n = self.cfg, self.cfg.steps
-        if c.method == "draft":
-            return Policy.all()
-        if c.method == "draft_k":
-            return Policy.last(c.k)
-        if c.method == "alignprop":
-            return Policy.last(plan.k, prefix=c.alignprop_prefix)
-        if c.method == "drtune":
-            return Policy.at(drtune_steps(n, c.k), stop_grad_input=True, prefix="detach")
-        raise ValueError(f"method {c.method!r} has no single-trajectory policy")
+        noise, seed = torch.randn(shape, generator=g), int(torch.randint(0, 2**62, (), generator=g))
+        return Plan(step, micro, prompts, noise, seed, **METHODS[c.method].draw(c, g, shape))
 
     # --- the loss ----------------------------------------------------------------------------------------------
-
-    def _wrap(self, penalties):
-        """Decorate the guided denoiser: checkpoint grad-step calls, and record the DRaFT+ penalty there."""
-        c, adapters = self.cfg, self.adapters
-
-        def wrap(model):
-            def run(x, sigma, **extra):
-                if not torch.is_grad_enabled():
-                    return model(x, sigma, **extra)
-                if c.checkpointing:
-                    out = checkpoint(lambda a: model(a, sigma, **extra), x, use_reentrant=False)
-                else:
-                    out = model(x, sigma, **extra)
-                if c.kl_weight > 0:
-                    with torch.no_grad(), lora_scale(adapters, 0.0):
-                        base = model(x, sigma, **extra)
-                    s = sigma.to(out.dtype).view(-1, *([1] * (out.ndim - 1)))
-                    penalties.append(((out - base) / s).float().square().mean())
-                return out
-            return run
-        return wrap
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _run(self, den, x, sigmas, policy, plan, wrap):
-        model = wrap(den) if wrap is not None else den
-        return sample(model, x, sigmas, step=self.cfg.sampler, policy=policy, flow=self.bundle.flow,
-                      generator=torch.Generator().manual_seed(plan.seed), cancel=self.cancel)
+    # --- pieces the method records use ----------------------------------------------------------------------
+
+    def schedule(self):
+        return self.sigmas.to(self.bundle.device)
+
+    def start(self, plan):
+        """x at the first sigma from the plan's unit noise (pure noise: the sampler's full-denoise scaling)."""
+        return noise_scaling(self.schedule()[0], plan.noise.to(self.bundle.device), flow=self.bundle.flow)
+
+    def run(self, den, x, sigmas, policy, plan, hook=None):
+        """The core runner with the plan's ancestral seed and the trainer's cancel hook."""
+        return sample(den, x, sigmas, step=self.cfg.sampler, policy=policy, flow=self.bundle.flow,
+                      generator=torch.Generator().manual_seed(plan.seed), cancel=self.cancel, on_grad_call=hook)
+
+    def _penalty_hook(self, den, penalties):
+        """DRaFT+: at each grad call, ‖(D − D_base)/σ‖² against the frozen model on the same x and σ."""
+        if self.cfg.kl_weight <= 0:
+            return None
+
+        def hook(x, sigma, denoised):
+            with torch.no_grad(), lora_scale(self.adapters, 0.0):
+                base = den(x, sigma.expand(x.shape[0]))
+            penalties.append(((denoised - base) / sigma.to(denoised.dtype)).float().square().mean())
+        return hook
 
     def images_and_rewards(self, plan, den, penalties=None):
         """Sample ``plan`` with the method's gradient policy through the guided denoiser ``den``;
         returns (images, rewards) with the graph attached."""
-        c, b = self.cfg, self.bundle
         penalties = [] if penalties is None else penalties
-        wrap = self._wrap(penalties)
-        sig = self.sigmas.to(b.device)
-        x = noise_scaling(sig[0], plan.noise.to(b.device), flow=b.flow)
         with self._autocast():
-            if c.method == "draft_lv":
-                with torch.no_grad():
-                    x0 = self._run(den, x, sig, Policy.none(), plan, None).x
-                last = torch.stack([sig[-2], sig[-1]])
-                images, rewards = [], []
-                for eps in plan.lv_noise:
-                    x1 = noise_scaling(last[0], eps.to(b.device), x0, flow=b.flow, max_denoise=False)
-                    img = b.decode(self._run(den, x1, last, Policy.all(), plan, wrap).x)
-                    images.append(img)
-                    rewards.append(self.reward(img, plan.prompts))
-                return torch.cat(images), torch.stack(rewards).mean(0)
-            if c.method == "refl":
-                traj = self._run(den, x, sig[: plan.m + 2], Policy.last(1), plan, wrap)
-                img = b.decode(traj.denoised)
-            else:
-                img = b.decode(self._run(den, x, sig, self.policy(plan), plan, wrap).x)
-            return img, self.reward(img, plan.prompts)
+            return METHODS[self.cfg.method].render(self, plan, den, self._penalty_hook(den, penalties))
 
     def _loss(self, plan, den):
         penalties = []
@@ -339,7 +383,7 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _sync(self, bad):
-        """Average LoRA gradients over data-parallel ranks (plain all-reduce: no wrapper module, as algorithms.md
+        """Average LoRA gradients over data-parallel ranks (plain all-reduce: no wrapper module, as docs/methods.md
         §11 advises) and agree on whether any rank saw a non-finite loss."""
         if self.world == 1:
             return bad
@@ -528,15 +572,6 @@ def drtune_steps(n, k):
     """K evenly spaced step indices over a chain of n steps, always including the last one."""
     k = max(1, min(k, n))
     return sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) if k > 1 else n - 1 for i in range(k)})
-
-
-def _default_free_memory():
-    try:
-        from ..nodes import host
-        host.free_memory()
-    except ImportError:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _status(fn_name, run_id, **fields):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # diffusers attention projections
+FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")         # the transformer blocks' GEGLU feed-forward
 COMFY_PREFIX = "diffusion_model."
 
 

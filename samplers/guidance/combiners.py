@@ -1,6 +1,6 @@
 """How the cond and uncond predictions combine at weight w, and gates that decide whether uncond runs at all.
 
-Every combiner declares the prediction space it is defined in (``space``); ``combine`` converts D_c and D_u into
+Every combiner declares the prediction space it is defined in (``space``); ``apply_combiner`` converts D_c and D_u into
 that space, combines, and converts back to the denoised D. CFG is affine with weights summing to 1, so its space
 does not matter; APG, CFG-Zero* and CFG-rescale give different results per space, so they never pick one silently.
 At w = 1 every combiner here reduces to D_c, which lets the guided denoiser skip the uncond call (see guided.py).
@@ -115,12 +115,31 @@ class CFGRescale(Combiner):
         return f"CFGRescale(phi={self.phi}, space={self.space!r})"
 
 
-def combine(combiner, D_c, D_u, x, sigma, ctx, w):
+def apply_combiner(combiner, D_c, D_u, x, sigma, ctx, w):
     """Guided D from the two denoised predictions, computed in the combiner's space."""
     space = combiner.space
     c = to_space(D_c, x, sigma, ctx.kind, space)
     u = to_space(D_u, x, sigma, ctx.kind, space)
     return from_space(combiner(c, u, ctx, w), x, sigma, ctx.kind, space)
+
+
+COMBINER_NAMES = ("cfg", "apg", "cfg_zero_star", "cfg_rescale")
+
+
+def make_combiner(name, apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=0.0, zero_init_steps=0, rescale_phi=0.7,
+                  space="default"):
+    """A combiner by name, with its options (the names the guidance nodes use); space "default" keeps the
+    combiner's own prediction space."""
+    kw = {} if space == "default" else {"space": space}
+    if name == "cfg":
+        return CFG()
+    if name == "apg":
+        return APG(apg_eta, apg_norm_threshold, apg_momentum, **kw)
+    if name == "cfg_zero_star":
+        return CFGZeroStar(zero_init_steps, **kw)
+    if name == "cfg_rescale":
+        return CFGRescale(rescale_phi, **kw)
+    raise ValueError(f"unknown combiner {name!r}; choose one of {', '.join(COMBINER_NAMES)}")
 
 
 def zero_prediction(combiner, x, sigma, ctx):

@@ -5,7 +5,7 @@ model family, the model's own progress axis, the per-run state) and turns a σ i
 fractional step index (interpolated for off-grid σ such as Heun's or DPM++2S's midpoints), progress in steps and
 in model time, log-SNR and the EDM-equivalent σ.
 
-Conventions (guidance.md §1): x = x0 + σ·ε for ε/v models ("eps", "v"), x = (1-σ)·x0 + σ·ε for flow models
+Conventions (docs/methods.md, "Conventions"): x = x0 + σ·ε for ε/v models ("eps", "v"), x = (1-σ)·x0 + σ·ε for flow models
 ("const"). Progress runs 0 at the first (noisiest) call to 1 at the last.
 """
 import math

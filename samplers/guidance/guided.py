@@ -22,7 +22,7 @@ from torch import nn
 
 from ..denoisers import _cat_batch
 from ..runner import sample
-from .combiners import CFG, combine, zero_prediction
+from .combiners import CFG, AdaptiveGuidance, apply_combiner, make_combiner, zero_prediction
 from .context import RunInfo, check_kind, infer_kind, infer_progress
 from .schedules import as_schedule
 
@@ -50,6 +50,14 @@ class GuidanceSpec:
         return has_uncond and not math.isclose(w, 1.0) and all(g.needs_uncond(ctx) for g in self.gates)
 
 
+def spec_from_options(scale, combiner="cfg", adaptive_guidance=False, adaptive_threshold=0.99, adaptive_space="x0",
+                      **combiner_options):
+    """A GuidanceSpec from the options the guidance nodes show: a weight, a combiner by name with its options
+    (``make_combiner``), and optional Adaptive Guidance."""
+    gates = (AdaptiveGuidance(adaptive_threshold, adaptive_space),) if adaptive_guidance else ()
+    return GuidanceSpec(scale=scale, combiner=make_combiner(combiner, **combiner_options), gates=gates)
+
+
 def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None):
     """One guided prediction. ``evaluate(need_uncond) -> (D_c, D_u or None)`` runs the model branches.
     ``finish(D_c, D_u, w, need_uncond) -> D`` lets a host replace the final combination (the ComfyUI guider uses
@@ -64,7 +72,7 @@ def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None):
             gate.observe(ctx, D_c, D_u, x, sigma)
     if finish is not None:
         return finish(D_c, D_u, w, need_uncond)
-    return combine(spec.combiner, D_c, D_u, x, sigma, ctx, w) if need_uncond else D_c
+    return apply_combiner(spec.combiner, D_c, D_u, x, sigma, ctx, w) if need_uncond else D_c
 
 
 class GuidedRun(nn.Module):
@@ -165,5 +173,5 @@ def cfg_denoiser_hooks(spec, sigmas, kind="eps", model_progress=None):
 
     def combine_fn(cond, uncond, x, sigma, w):
         ctx = info.ctx(sigma=float(torch.as_tensor(sigma).reshape(-1)[0]))
-        return combine(spec.combiner, cond, uncond, x, sigma, ctx, w)
+        return apply_combiner(spec.combiner, cond, uncond, x, sigma, ctx, w)
     return scale, combine_fn

@@ -1,7 +1,7 @@
 """Reward guidance: steer sampling with the gradient of a differentiable reward on the decoded x̂0.
 
 Forward universal guidance (Bansal et al., 2302.07121) adds s(t)·sqrt(1-ᾱ)·∇_{z_t} ℓ to ε̂. In σ-space with
-ℓ = -reward this is (derived in guidance.md §8)
+ℓ = -reward this is (derived in docs/methods.md, "Reward guidance")
     D <- D + s·σ²·∇_x R(decode(D(x)))
 i.e. the gradient flows through the denoiser (its Jacobian). ``through_model=False`` is the cheap variant that
 differentiates with respect to x̂0 only: D <- D + s·σ²·∇_{x̂0} R(decode(x̂0)).

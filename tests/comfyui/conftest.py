@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python -m pytest -q tests/comfyui
 
-Fixtures are download-free (comfyui-host.md §11): a tiny SD15-class ldm UNet (one level, model_channels 320,
+Fixtures are download-free (docs/comfyui.md, "Testing against ComfyUI"): a tiny SD15-class ldm UNet (one level, model_channels 320,
 context_dim 768: detected as SD15), a random CLIP-L text model (transformers) and a random SD-shaped VAE, written
 as safetensors and loaded through the stock UNETLoader / CLIPLoader / VAELoader inside ``torch.inference_mode()``,
 exactly as a ComfyUI worker runs nodes. Files are cached per session in a temp dir, or in

@@ -188,7 +188,7 @@ def test_plot_schedule_node(comfy, unet):
 
 
 def test_schedule_values_use_model_progress(comfy, unet):
-    from rewardlab.nodes import guidance_comfy
+    from rewardlab.host import guidance as guidance_comfy
     sigmas = sigmas_of(unet, 10)
     vals, sig = guidance_comfy.schedule_values(unet, sigmas, g.Linear(0.0, 1.0, axis="p_model"))
     ms = unet.get_model_object("model_sampling")

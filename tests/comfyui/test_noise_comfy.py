@@ -5,7 +5,7 @@ ancestral steps) reproduces the node's optimised latent and image, and the rewar
 import pytest
 import torch
 
-from rewardlab.nodes import host_sampling as hs
+from rewardlab.host.noise import OptimisedNoise
 from rewardlab.nodes.noise_nodes import (RewardLabNoiseFromLatent, RewardLabNoiseSearch,
                                          RewardLabReNOOptimiseNoise)
 from rewardlab.nodes.sampler_nodes import RewardLabSampler
@@ -71,7 +71,7 @@ def test_reno_noise_reproduces_through_stock_sampler_custom_advanced(comfy, unet
     import comfy.sample
     seed_noise = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 5)
     assert (noise.tensor - seed_noise).abs().max() > 1e-3
-    seed_image = _decode(vae, _replay(unet, conds, hs.OptimisedNoise(5, seed_noise), stock, steps))
+    seed_image = _decode(vae, _replay(unet, conds, OptimisedNoise(5, seed_noise), stock, steps))
     assert reward(image.movedim(-1, 1)) >= reward(seed_image.movedim(-1, 1))
 
 
@@ -85,7 +85,7 @@ def test_noise_search_is_never_worse_than_the_seed(comfy, unet, vae, conds, meth
     import comfy.sample
     seed_noise = comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), 5)
     stock = RewardLabSampler().get_sampler("euler", -1.0)[0]
-    seed_score = reward(_decode(vae, _replay(unet, conds, hs.OptimisedNoise(5, seed_noise), stock, 2)).movedim(-1, 1))
+    seed_score = reward(_decode(vae, _replay(unet, conds, OptimisedNoise(5, seed_noise), stock, 2)).movedim(-1, 1))
     assert best >= float(seed_score) - 1e-6
     assert best == pytest.approx(float(reward(image.movedim(-1, 1))), abs=1e-5)
     if method != "paths":
@@ -99,7 +99,7 @@ def test_noise_from_latent_wraps_the_tensor(comfy, unet, conds):
     assert noise.seed == 9 and torch.equal(noise.generate_noise(_zeros()), t)
     from comfy_extras import nodes_custom_sampler as cs
     a = _replay(unet, conds, noise, cs.KSamplerSelect().get_sampler("euler")[0], 2)
-    b = _replay(unet, conds, hs.OptimisedNoise(9, t), cs.KSamplerSelect().get_sampler("euler")[0], 2)
+    b = _replay(unet, conds, OptimisedNoise(9, t), cs.KSamplerSelect().get_sampler("euler")[0], 2)
     assert torch.equal(a, b)
 
 

@@ -2,7 +2,12 @@
 import pytest
 import torch
 
-from rewardlab.nodes import host_sampling as hs
+from rewardlab.samplers.runner import Cancelled
+from rewardlab.host.bridge import RunnerSampler, interrupt_exceptions, trajectory
+from rewardlab.host.grad import grad_enabled, grad_ready, release
+from rewardlab.host.models import calculate_sigmas, empty_latent, latent_samples, model_info
+from rewardlab.host.noise import OptimisedNoise
+from rewardlab.host.vae import decode, grad_vae
 from rewardlab.nodes.sampler_nodes import RewardLabSampler
 from rewardlab.samplers.runner import Policy
 
@@ -53,7 +58,7 @@ def test_runner_sampler_matches_stock_ksampler(comfy, unet, conds, name):
 
 @pytest.mark.parametrize("name", ["euler", "euler_ancestral"])
 def test_runner_sampler_matches_stock_ksampler_on_a_flow_model(comfy, flow_unet, conds, name):
-    info = hs.model_info(flow_unet)
+    info = model_info(flow_unet)
     assert info.flow and info.prediction == "CONST" and info.sigma_max == pytest.approx(1.0)
     ref = _stock_ksampler(comfy, flow_unet, conds, name)          # stock picks its RF ancestral variant itself
     ours = _custom_advanced(comfy, flow_unet, conds, _custom_nodes().Noise_RandomNoise(SEED),
@@ -80,9 +85,9 @@ def test_trajectory_equals_stock_sampler_and_returns_x0(comfy, unet, conds):
     ref = _stock_ksampler(comfy, unet, conds, "euler")
     from comfy.sample import prepare_noise
     noise = prepare_noise(torch.zeros(1, 4, 8, 8), SEED)
-    sigmas = hs.calculate_sigmas(unet, "normal", STEPS)
+    sigmas = calculate_sigmas(unet, "normal", STEPS)
     with torch.inference_mode():
-        x, x0 = hs.trajectory(unet, conds[0], conds[1], CFG, sigmas, noise, _zeros(), seed=SEED, return_denoised=True)
+        x, x0 = trajectory(unet, conds[0], conds[1], CFG, sigmas, noise, _zeros(), seed=SEED, return_denoised=True)
     assert (x - ref).abs().max() <= 1e-4
     # euler's last step lands on σ=0, where the sample is exactly the last x̂0 (both in VAE space)
     assert (x0 - x).abs().max() <= 1e-5
@@ -92,47 +97,47 @@ def test_trajectory_equals_stock_sampler_and_returns_x0(comfy, unet, conds):
 def test_optimised_noise_reproduces_through_stock_sampler_custom_advanced(comfy, unet, vae, conds):
     """The NOISE contract: optimise the noise through trajectory(), hand it over as a NOISE, and stock
     SamplerCustomAdvanced + RewardLab Sampler reproduce the optimised latent (ancestral, so the seed matters)."""
-    sigmas = hs.calculate_sigmas(unet, "normal", STEPS)
+    sigmas = calculate_sigmas(unet, "normal", STEPS)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 4, 8, 8, generator=g).requires_grad_(True)
-    with torch.inference_mode(), hs.grad_enabled():
-        mp, vp = hs.grad_ready(unet), hs.grad_vae(vae)
-        x = hs.trajectory(mp, conds[0], conds[1], CFG, sigmas, noise, _zeros(), step="euler_ancestral", seed=11,
+    with torch.inference_mode(), grad_enabled():
+        mp, vp = grad_ready(unet), grad_vae(vae)
+        x = trajectory(mp, conds[0], conds[1], CFG, sigmas, noise, _zeros(), step="euler_ancestral", seed=11,
                           policy=Policy.all())
-        hs.decode(vae, x, patcher=vp)[:, 0].mean().backward()    # "reward": the red channel
-        hs.release(mp, vp)
+        decode(vae, x, patcher=vp)[:, 0].mean().backward()    # "reward": the red channel
+        release(mp, vp)
     assert noise.grad is not None and noise.grad.abs().sum() > 0
     with torch.no_grad():
         noise -= 50.0 * noise.grad                                  # one ascent step: an "optimised" noise
-        x_opt = hs.trajectory(unet, conds[0], conds[1], CFG, sigmas, noise, _zeros(), step="euler_ancestral", seed=11)
-    replay = _custom_advanced(comfy, unet, conds, hs.OptimisedNoise(11, noise),
+        x_opt = trajectory(unet, conds[0], conds[1], CFG, sigmas, noise, _zeros(), step="euler_ancestral", seed=11)
+    replay = _custom_advanced(comfy, unet, conds, OptimisedNoise(11, noise),
                               RewardLabSampler().get_sampler("euler_ancestral", -1.0)[0])
     assert (replay - x_opt).abs().max() <= 1e-4
-    other_seed = _custom_advanced(comfy, unet, conds, hs.OptimisedNoise(12, noise),
+    other_seed = _custom_advanced(comfy, unet, conds, OptimisedNoise(12, noise),
                                   RewardLabSampler().get_sampler("euler_ancestral", -1.0)[0])
     assert (other_seed - x_opt).abs().max() > 1e-3            # the seed is part of the contract for ancestral steps
 
 
 def test_optimised_noise_rejects_other_latent_shape(comfy):
-    noise = hs.OptimisedNoise(0, torch.zeros(1, 4, 8, 8))
+    noise = OptimisedNoise(0, torch.zeros(1, 4, 8, 8))
     assert noise.generate_noise({"samples": torch.zeros(1, 4, 8, 8)}).shape == (1, 4, 8, 8)
     with pytest.raises(ValueError, match="same latent size"):
         noise.generate_noise({"samples": torch.zeros(2, 4, 8, 8)})
 
 
 def test_model_info_and_latent_checks(comfy, unet, conds):
-    info = hs.model_info(unet)
+    info = model_info(unet)
     assert (info.latent_channels, info.flow, info.prediction) == (4, False, "EPS")
     assert info.scale_factor == pytest.approx(0.18215) and info.sigma_max == pytest.approx(14.6146, rel=1e-3)
     cs = _custom_nodes()
     with torch.inference_mode():
         ref = cs.BasicScheduler().get_sigmas(unet, "karras", 5, 0.6)[0]
-    assert torch.equal(hs.calculate_sigmas(unet, "karras", 5, denoise=0.6), ref)
-    assert hs.empty_latent(unet, 64, 48, 2).shape == (2, 4, 6, 8)
+    assert torch.equal(calculate_sigmas(unet, "karras", 5, denoise=0.6), ref)
+    assert empty_latent(unet, 64, 48, 2).shape == (2, 4, 6, 8)
     # an all-zero latent of another family is widened like stock samplers do; real content is refused
-    assert hs.latent_samples(unet, {"samples": torch.zeros(1, 16, 8, 8)}).shape == (1, 4, 8, 8)
+    assert latent_samples(unet, {"samples": torch.zeros(1, 16, 8, 8)}).shape == (1, 4, 8, 8)
     with pytest.raises(ValueError, match="16 channels but this model works on 4"):
-        hs.trajectory(unet, conds[0], conds[1], CFG, hs.calculate_sigmas(unet, "normal", 2),
+        trajectory(unet, conds[0], conds[1], CFG, calculate_sigmas(unet, "normal", 2),
                       torch.zeros(1, 16, 8, 8), {"samples": torch.ones(1, 16, 8, 8)})
 
 
@@ -141,7 +146,7 @@ def test_cancel_surfaces_as_comfy_interrupt(comfy, unet, conds):
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            _custom_advanced(comfy, unet, conds, _custom_nodes().Noise_RandomNoise(SEED), hs.RunnerSampler("euler"))
+            _custom_advanced(comfy, unet, conds, _custom_nodes().Noise_RandomNoise(SEED), RunnerSampler("euler"))
     finally:
         mm.interrupt_current_processing(False)
-    assert hs.interrupt_exceptions() == (hs.Cancelled, mm.InterruptProcessingException)
+    assert interrupt_exceptions() == (Cancelled, mm.InterruptProcessingException)

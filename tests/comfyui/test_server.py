@@ -51,7 +51,8 @@ def test_server_samples_with_rewardlab_sampler_as_in_process(server, comfy, unet
     computes for the same models, seed and schedule."""
     from comfy_extras import nodes_custom_sampler as cs
 
-    from rewardlab.nodes import host_sampling as hs
+    from rewardlab.host.bridge import trajectory
+    from rewardlab.host.models import calculate_sigmas
 
     entry = server.run_prompt(_sampling_prompt("euler_ancestral", seed=5, steps=3, cfg=3.0))
     assert entry["status"]["status_str"] == "success", entry["status"]
@@ -62,7 +63,7 @@ def test_server_samples_with_rewardlab_sampler_as_in_process(server, comfy, unet
 
     with torch.inference_mode():
         noise = cs.Noise_RandomNoise(5).generate_noise({"samples": torch.zeros(1, 4, 8, 8)})
-        local = hs.trajectory(unet, conds[0], conds[1], 3.0, hs.calculate_sigmas(unet, "normal", 3), noise,
+        local = trajectory(unet, conds[0], conds[1], 3.0, calculate_sigmas(unet, "normal", 3), noise,
                               {"samples": torch.zeros(1, 4, 8, 8)}, step="euler_ancestral", seed=5)
     assert served.shape == (1, 4, 8, 8)
     assert (served - local).abs().max() <= 1e-4

@@ -91,13 +91,13 @@ def test_clip_prompt_list_with_draft_lv(comfy, unet, vae, clip, out_dir):
 @pytest.mark.parametrize("family", ["v_prediction", "flow"])
 def test_train_node_on_v_prediction_and_flow_model_sampling(comfy, unet, vae, conds, out_dir, family):
     from comfy_extras import nodes_model_advanced as adv
-    from rewardlab.nodes import host_sampling as hs
+    from rewardlab.host.models import model_info
     with torch.inference_mode():
         if family == "flow":      # rectified-flow sampling (CONST, as SD3/Flux) through ComfyUI's model_sampling
             patched = adv.ModelSamplingSD3().patch(unet, 3.0)[0]
         else:
             patched = adv.ModelSamplingDiscrete().patch(unet, "v_prediction", False)[0]
-    assert hs.model_info(patched).flow == (family == "flow")
+    assert model_info(patched).flow == (family == "flow")
     model, lora, curve, preview = train(patched, vae, positive=conds[0], negative=conds[1], training_steps=2,
                                         save_every=0, name=f"draft_{family}", width=64, height=48)
     ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]

@@ -5,7 +5,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from rewardlab.nodes import host_sampling as hs
+from rewardlab.host.bridge import trajectory
+from rewardlab.host.grad import apply_lora_state_dict, grad_enabled, grad_ready, load_for_training, lora_patcher, release
+from rewardlab.host.models import calculate_sigmas
+from rewardlab.host.vae import decode, grad_vae
 from rewardlab.samplers.runner import Policy
 from rewardlab.training.lora import kohya_key, lora_state_dict
 
@@ -38,21 +41,23 @@ def test_loaded_weights_are_inference_tensors(unet, vae):
 
 def _reward_grads(unet, vae, conds, checkpoint):
     """One DRaFT/ReNO-style backward: reward(decode(trajectory)) -> LoRA and noise gradients."""
-    sigmas = hs.calculate_sigmas(unet, "normal", 3)
+    sigmas = calculate_sigmas(unet, "normal", 3)
     noise = _noise().requires_grad_(True)
     torch.manual_seed(0)                                      # same LoRA init in every call
-    with torch.inference_mode(), hs.grad_enabled():            # as inside a node
-        mp, adapters = hs.inject_lora(unet, rank=2)
-        vp = hs.grad_vae(vae)
-        hs.prepare_training(mp, vp)
-        try:
-            x = hs.trajectory(mp, conds[0], conds[1], CFG, sigmas, noise, _latent(),
-                              policy=Policy.all(checkpoint=checkpoint))
-            img = hs.decode(vae, x, patcher=vp)
+    with torch.inference_mode(), grad_enabled():            # as inside a node
+        mp, adapters = lora_patcher(unet, rank=2)
+        vp = grad_vae(vae)
+        load_for_training(mp, vp)
+        def backward(x):            # inside the guider: checkpointed steps are recomputed here
+            img = decode(vae, x, patcher=vp)
             assert img.shape == (1, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
             _redness(img).backward()
+
+        try:
+            trajectory(mp, conds[0], conds[1], CFG, sigmas, noise, _latent(), policy=Policy.all(checkpoint=checkpoint),
+                       then=backward)
         finally:
-            hs.release(mp, vp)
+            release(mp, vp)
     assert vp.model.decoder.conv_in.weight.grad is None       # base weights stay frozen
     return adapters, noise.grad
 
@@ -66,7 +71,7 @@ def test_reward_gradient_reaches_lora_and_noise_through_vae_and_unet(comfy, unet
         assert a.up.grad is not None and torch.isfinite(a.up.grad).all() and a.up.grad.abs().sum() > 0, name
     assert noise_grad.abs().sum() > 0
 
-    # checkpointed steps are recomputed in backward, after the guider has finished: same gradients
+    # checkpointed steps are recomputed in backward (inside the guider call): same gradients
     ckpt_adapters, ckpt_noise_grad = _reward_grads(unet, vae, conds, checkpoint=True)
     for name, a in adapters.items():
         torch.testing.assert_close(ckpt_adapters[name].up.grad, a.up.grad, rtol=1e-4, atol=1e-8)
@@ -75,23 +80,23 @@ def test_reward_gradient_reaches_lora_and_noise_through_vae_and_unet(comfy, unet
 
 def test_training_leaves_the_users_model_untouched(comfy, unet, vae, conds):
     before = _stock_euler(comfy, unet, conds)
-    with torch.inference_mode(), hs.grad_enabled():
-        mp, adapters = hs.inject_lora(unet, rank=2)
+    with torch.inference_mode(), grad_enabled():
+        mp, adapters = lora_patcher(unet, rank=2)
         with torch.no_grad():
             for a in adapters.values():
                 a.up.normal_(0, 0.5)                 # a trained, non-zero LoRA
-        x = hs.trajectory(mp, conds[0], conds[1], CFG, hs.calculate_sigmas(mp, "normal", 2), _noise(), _latent(),
+        x = trajectory(mp, conds[0], conds[1], CFG, calculate_sigmas(mp, "normal", 2), _noise(), _latent(),
                           policy=Policy.last(1))
         x.sum().backward()
-        hs.release(mp)
+        release(mp)
     assert (_stock_euler(comfy, unet, conds) - before).abs().max() == 0
 
 
 def test_saved_lora_loads_through_stock_loader_with_every_key(comfy, unet, conds, model_files, caplog):
     """Conv and linear layers (targets=None): the file from lora_state_dict loads through stock
     LoraLoaderModelOnly with no 'lora key not loaded', patches exactly our layers, and samples as our wrappers do."""
-    with torch.inference_mode(), hs.grad_enabled():
-        mp, adapters = hs.inject_lora(unet, rank=4, alpha=2.0, targets=None)
+    with torch.inference_mode(), grad_enabled():
+        mp, adapters = lora_patcher(unet, rank=4, alpha=2.0, targets=None)
         with torch.no_grad():
             for a in adapters.values():
                 a.up.normal_(0, 0.3)
@@ -113,24 +118,24 @@ def test_saved_lora_loads_through_stock_loader_with_every_key(comfy, unet, conds
     with torch.no_grad():
         from comfy.sample import prepare_noise
         noise = prepare_noise(torch.zeros(1, 4, 8, 8), 3)
-        ours = hs.trajectory(mp, conds[0], conds[1], CFG, hs.calculate_sigmas(mp, "normal", 2), noise, _latent(), seed=3)
-    hs.release(mp)
+        ours = trajectory(mp, conds[0], conds[1], CFG, calculate_sigmas(mp, "normal", 2), noise, _latent(), seed=3)
+    release(mp)
     assert (stock - _stock_euler(comfy, unet, conds)).abs().max() > 1e-2      # the LoRA changes the sample
     assert (stock - ours).abs().max() <= 1e-4                                   # and means the same in both hosts
-    half = hs.apply_lora_state_dict(unet, sd, 0.5)
+    half = apply_lora_state_dict(unet, sd, 0.5)
     assert set(half.patches) == set(loaded.patches) and (_stock_euler(comfy, half, conds) - stock).abs().max() > 1e-3
 
 
 def comfy_lora_patches(model, sd):
     with torch.inference_mode():
-        return set(hs.apply_lora_state_dict(model, sd).patches)
+        return set(apply_lora_state_dict(model, sd).patches)
 
 
 def test_grad_ready_rejects_unknown_wrapper_keys(comfy, unet):
     with pytest.raises(ValueError, match="does not have"):
-        hs.grad_ready(unet, {"diffusion_model.nope.weight": lambda t: t})
+        grad_ready(unet, {"diffusion_model.nope.weight": lambda t: t})
     with pytest.raises(ValueError, match="matches LoRA targets"):
-        hs.inject_lora(unet, targets=("no_such_layer",))
+        lora_patcher(unet, targets=("no_such_layer",))
 
 
 def test_decode_values_match_stock_vae_decode_and_straight_through_keeps_gradient(comfy, vae):
@@ -138,17 +143,17 @@ def test_decode_values_match_stock_vae_decode_and_straight_through_keeps_gradien
     with torch.inference_mode():
         stock = vae.decode(latent)                                        # BHWC, clamped
     with torch.no_grad():
-        hard = hs.decode(vae, latent, clamp="hard")
+        hard = decode(vae, latent, clamp="hard")
     assert hard.shape == (1, 3, 64, 64) and (hard.movedim(1, -1) - stock).abs().max() <= 1e-5
-    with torch.inference_mode(), hs.grad_enabled():
-        vp = hs.grad_vae(vae)
+    with torch.inference_mode(), grad_enabled():
+        vp = grad_vae(vae)
         grads, values = {}, {}
         for clamp in ("straight_through", "hard", "none"):
             z = latent.clone().requires_grad_(True)
-            img = hs.decode(vae, z, patcher=vp, clamp=clamp)
+            img = decode(vae, z, patcher=vp, clamp=clamp)
             img.sum().backward()
             grads[clamp], values[clamp] = z.grad, img.detach()
-        hs.release(vp)
+        release(vp)
     saturated = (values["none"] < 0) | (values["none"] > 1)
     assert saturated.any() and not saturated.all()                         # the case the choice is about
     torch.testing.assert_close(values["straight_through"], values["hard"])    # same pixels as stock

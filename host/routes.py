@@ -6,7 +6,7 @@
   upload (multipart field ``image``) or a file of ComfyUI's output folder (JSON ``{"filename", "subfolder"}``);
   other fields: ``reward`` (name), ``prompt`` (text). Nothing outside the output/model folders is ever read.
 
-Routes are registered only inside a running ComfyUI server (host.prompt_server_routes); importing the pack
+Routes are registered only inside a running ComfyUI server (services.prompt_server_routes); importing the pack
 anywhere else registers nothing. The handlers take plain aiohttp requests, so tests drive them without ComfyUI.
 """
 import asyncio
@@ -16,10 +16,8 @@ import os
 
 from aiohttp import web
 
-from . import host
-
-NODE_CLASS_MAPPINGS = {}  # a route module, listed in nodes/__init__ only so that it is imported on load
-NODE_DISPLAY_NAME_MAPPINGS = {}
+from .. import runtime
+from . import services
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -35,7 +33,7 @@ def _error(status, message):
 def reward_catalogue():
     from ..rewards import registry
 
-    folders = host.reward_folders()
+    folders = runtime.current().reward_folders()
     loaded = {}
     for name, device, dtype in registry.cached():
         loaded.setdefault(name, []).append({"device": device, "dtype": dtype})
@@ -78,7 +76,7 @@ def output_file(filename, subfolder=""):
         raise ValueError("'filename' (and optional 'subfolder') must be strings naming an output image")
     if not filename.lower().endswith(IMAGE_SUFFIXES):
         raise ValueError(f"only image files can be scored ({', '.join(IMAGE_SUFFIXES)})")
-    root = os.path.realpath(host.output_directory())
+    root = os.path.realpath(runtime.current().output_directory())
     path = os.path.realpath(os.path.join(root, subfolder, filename))
     if os.path.commonpath([root, path]) != root:
         raise ValueError("the image must lie inside ComfyUI's output folder")
@@ -201,12 +199,10 @@ def install():
     global _installed
     if _installed:
         return True
-    routes = host.prompt_server_routes()
+    routes = services.prompt_server_routes()
     if routes is None:
         return False
     register(routes)
     _installed = True
     return True
 
-
-install()

@@ -5,12 +5,12 @@ Both run the host-free ``guided_step`` with a ComfyUI branch evaluator, so the n
     step / progress   model_options["transformer_options"]["sample_sigmas"] (the run's σ list), interpolated off-grid
     model progress    the inverse of model_sampling.percent_to_sigma, tabulated once per run
     branches          comfy.samplers.calc_cond_batch([cond, uncond or None]); uncond is None (not computed) when the
-                      weight is 1 or a gate closed: never a zeros uncond inside a formula (guidance.md §0.3)
+                      weight is 1 or a gate closed: never a zeros uncond inside a formula (docs/methods.md, "Guidance")
     CFG               comfy.samplers.cfg_function, so sampler_cfg_function and post-CFG patches still apply
     other combiners   core combiner in its declared space, then the post-CFG patches
     per-run state     a RunState made in outer_sample (guider) or an OUTER_SAMPLE wrapper (MODEL patch)
 
-This module is imported only by node functions at execution time; comfy is imported lazily inside functions.
+comfy is imported lazily inside functions: importing this module never imports ComfyUI.
 """
 import copy
 import importlib
@@ -20,7 +20,8 @@ import uuid
 import numpy as np
 import torch
 
-from ..samplers.guidance import CFG, Constant, GuidanceSpec, RunInfo, combine, guided_step
+from ..samplers.guidance import CFG, Constant, GuidanceSpec, RunInfo, apply_combiner, guided_step
+from .models import model_kind
 
 _GUIDER_CLASS = None
 
@@ -38,13 +39,9 @@ class RunState:
         self.sigmas = None
 
 
-def model_kind(model_sampling):
-    ms = _comfy("comfy.model_sampling")
-    if isinstance(model_sampling, ms.CONST):
-        return "const"
-    if isinstance(model_sampling, ms.V_PREDICTION):
-        return "v"
-    return "eps"
+def guidance_kind(model_sampling):
+    """The core guidance's prediction kind (const, v or eps) of a ComfyUI model."""
+    return {"CONST": "const", "V_PREDICTION": "v", "EDM": "v"}.get(model_kind(model_sampling), "eps")
 
 
 def model_progress(model_sampling, points=1001):
@@ -69,7 +66,7 @@ def run_info(state, inner_model, model_options):
                            "through a ComfyUI sampler node (KSampler or SamplerCustomAdvanced)")
     if state.info is None or state.sigmas is not sigmas:
         ms = inner_model.model_sampling
-        state.info = RunInfo(sigmas.detach().float().cpu(), model_kind(ms), model_progress(ms), state=state.data)
+        state.info = RunInfo(sigmas.detach().float().cpu(), guidance_kind(ms), model_progress(ms), state=state.data)
         state.sigmas = sigmas
     return state.info
 
@@ -131,7 +128,7 @@ def guided_predict(spec, guider, x, timestep, model_options, seed, state):
             if isinstance(spec.combiner, CFG):
                 return samplers.cfg_function(model, D_c, u, w if need_uncond else 1.0, x_in, timestep,
                                              model_options=opts, cond=cond, uncond=uncond if need_uncond else None)
-            D = combine(spec.combiner, D_c, D_u, x_in, timestep, ctx, w) if need_uncond else D_c
+            D = apply_combiner(spec.combiner, D_c, D_u, x_in, timestep, ctx, w) if need_uncond else D_c
             return _post_cfg(opts, D, D_c, u, w if need_uncond else 1.0, model, x_in, timestep, cond,
                              uncond if need_uncond else None)
 
@@ -177,7 +174,7 @@ def scheduled_guider_class():
     return _GUIDER_CLASS
 
 
-def make_guider(model, positive, negative, spec):
+def scheduled_guider(model, positive, negative, spec):
     guider = scheduled_guider_class()(model, spec)
     guider.set_conds(positive, negative)
     return guider
@@ -235,5 +232,5 @@ def patch_model(model, spec, use_sampler_cfg=False):
 def schedule_values(model, sigmas, schedule):
     """(weights per step, σ in EDM units per step) of a schedule for a MODEL + SIGMAS, as a run would see them."""
     ms = model.get_model_object("model_sampling")
-    info = RunInfo(sigmas.detach().float().cpu(), model_kind(ms), model_progress(ms))
+    info = RunInfo(sigmas.detach().float().cpu(), guidance_kind(ms), model_progress(ms))
     return schedule.values(info), [c.sigma_edm for c in info.contexts()]

@@ -1,4 +1,4 @@
-"""Gradient-free noise search against any reward, differentiable or not (Ma et al. 2025, algorithms.md §9).
+"""Gradient-free noise search against any reward, differentiable or not (Ma et al. 2025, docs/methods.md).
 
 - random:     best-of-N over i.i.d. noises.
 - zero_order: N neighbours of a pivot noise within a step size, move the pivot to the best one, repeat.
@@ -19,8 +19,8 @@ per sample where that is the case.
 """
 import torch
 
-from .noise_opt import BestTracker, CallCounter, evaluate, is_oom, raise_oom, reward_scorer  # noqa: F401
-from .runner import Cancelled
+from ..samplers.runner import Cancelled
+from .chain import BestTracker, evaluate, is_oom, raise_oom, reward_scorer
 
 METHODS = ("random", "zero_order", "paths")
 

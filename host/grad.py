@@ -1,0 +1,108 @@
+"""Grad-ready ComfyUI models: autograd through weights that ComfyUI loaded inside ``torch.inference_mode()``.
+
+ComfyUI runs every node in inference mode, so loaded weights are inference tensors that autograd refuses to save
+for backward. A weight wrapper on every weight and bias makes ``comfy.ops`` copy the weight on each forward; a copy
+made outside inference mode is a normal tensor. ``grad_ready`` puts those wrappers on a clone, so the user's
+MODEL/VAE stay untouched; a LoRA adapter is just another wrapper (docs/comfyui.md, "Autograd inside ComfyUI").
+"""
+import contextlib
+import importlib
+
+import torch
+
+from .. import runtime
+from ..training.lora import ATTENTION_TARGETS, LoRA, lora_targets
+
+
+def _comfy(module):
+    return importlib.import_module(module)
+
+
+def _identity(t):
+    return t
+
+
+def _wrappable_keys(model_patcher):
+    """'<module>.weight' / '<module>.bias' of every comfy-op module (the layers whose forward applies wrappers)."""
+    for name, m in model_patcher.model.named_modules():
+        if hasattr(m, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(m, attr, None) is not None:
+                    yield f"{name}.{attr}"
+
+
+def grad_ready(model_patcher, wrappers=None):
+    """A clone of ``model_patcher`` (a MODEL or ``vae.patcher``) that autograd can run through.
+
+    ``wrappers`` maps a full weight key (e.g. ``"diffusion_model.out.2.weight"``) to a callable on the weight,
+    such as a LoRA adapter; every other weight and bias gets the identity. Base weights are frozen.
+    """
+    wrappers = dict(wrappers or {})
+    patcher = model_patcher.clone()
+    for key in _wrappable_keys(patcher):
+        patcher.add_weight_wrapper(key, wrappers.pop(key, _identity))
+    if wrappers:
+        raise ValueError(f"weight wrappers for keys this model does not have, e.g. {sorted(wrappers)[:3]}")
+    patcher.model.requires_grad_(False)     # only the wrappers' own parameters may collect gradients
+    return patcher
+
+
+def is_grad_ready(model_patcher):
+    return all(k in model_patcher.weight_wrapper_patches for k in _wrappable_keys(model_patcher))
+
+
+def lora_patcher(model_patcher, rank=8, alpha=None, targets=ATTENTION_TARGETS, init="default"):
+    """Grad-ready clone of a MODEL with a trainable ``training.lora.LoRA`` on every matching diffusion-model layer.
+
+    targets: module-name suffixes (default: attention q/k/v/out), a regex string, or None for every Linear/Conv.
+    Returns (patcher, adapters) with adapters keyed by ldm module name, so ``training.lora.lora_state_dict(adapters)``
+    writes ``diffusion_model.<module>.lora_up.weight`` etc., exactly what stock LoraLoader reads.
+    """
+    dm = model_patcher.model.diffusion_model
+    names = lora_targets(dm, targets)
+    if not names:
+        raise ValueError(f"no Linear/Conv2d layer of this model matches LoRA targets {targets!r}; "
+                         "pass module-name suffixes, a regex, or None for all layers")
+    modules = dict(dm.named_modules())
+    with torch.inference_mode(False):       # adapter parameters must be normal (trainable) tensors
+        adapters = {n: LoRA(modules[n].weight.shape, rank, alpha, init, device=model_patcher.load_device) for n in names}
+    patcher = grad_ready(model_patcher, {f"diffusion_model.{n}.weight": a for n, a in adapters.items()})
+    return patcher, adapters
+
+
+def apply_lora_state_dict(model, lora_sd, strength=1.0):
+    """A MODEL with a saved LoRA merged by ComfyUI's own loader (what LoraLoaderModelOnly does): a normal, fast
+    MODEL for KSampler, with no live autograd modules."""
+    return _comfy("comfy.sd").load_lora_for_models(model, None, lora_sd, strength, 0)[0]
+
+
+@contextlib.contextmanager
+def grad_enabled():
+    """Context for training inside a node: leaves inference mode and turns autograd on."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def load_for_training(*patchers):
+    """Load the grad-ready patchers fully before training: evicts everything else (the guider's memory estimate
+    ignores activations kept for backward) and avoids lowvram partial loading."""
+    _comfy("comfy.model_management").load_models_gpu(list(patchers), memory_required=1e20, force_full_load=True)
+
+
+def release(*patchers):
+    """After training/optimisation: unload our grad-ready clones, strip their wrappers from the shared modules
+    (so nothing of ours, e.g. a LoRA, stays attached to the user's model) and give cached memory back."""
+    mm = _comfy("comfy.model_management")
+    for p in patchers:
+        if p is None:
+            continue
+        was_loaded = False
+        for i in reversed(range(len(mm.current_loaded_models))):
+            if mm.current_loaded_models[i].model is p:
+                mm.current_loaded_models.pop(i).model_unload()
+                was_loaded = True
+        if was_loaded:      # our clone owned the modules' wrapper lists; another clone's are left alone
+            for m in p.model.modules():
+                if hasattr(m, "weight_function"):
+                    m.weight_function, m.bias_function = [], []
+    runtime.current().free_memory()

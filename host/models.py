@@ -1,0 +1,96 @@
+"""Facts about a ComfyUI MODEL that the core needs: what it predicts, its σ range and schedule, its latent shape.
+
+``model_kind`` is the one place that reads the prediction type; everything else (flow or not, the guidance space)
+derives from it.
+"""
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+# ComfyUI composes model_sampling as ``class ModelSampling(<schedule>, <prediction>)``; most derived first.
+KINDS = ("CONST", "IMG_TO_IMG", "X0", "EDM", "V_PREDICTION", "EPS")
+
+
+def _comfy(module):
+    return importlib.import_module(module)
+
+
+def model_kind(model_sampling):
+    """EPS, V_PREDICTION, EDM, X0, IMG_TO_IMG or CONST (flow matching), read from the model_sampling class's bases."""
+    bases = [c.__name__ for c in type(model_sampling).__mro__]
+    for kind in KINDS:
+        if kind in bases:
+            return kind
+    return type(model_sampling).__name__
+
+
+def is_flow(model_sampling):
+    """Flow matching (CONST): x = (1-σ)·x0 + σ·ε."""
+    return model_kind(model_sampling) == "CONST"
+
+
+@dataclass
+class ModelInfo:
+    latent_channels: int
+    latent_dimensions: int       # 2 for images, 3 for video latents
+    scale_factor: float          # latent_format.scale_factor (VAE latent -> model space)
+    flow: bool                   # CONST (flow matching) sampling: x = (1-σ)·x0 + σ·ε
+    prediction: str              # model_kind: EPS, V_PREDICTION, CONST, EDM, X0, ...
+    sigma_min: float
+    sigma_max: float
+    model_sigmas: torch.Tensor   # the model's σ table (discrete models; a short table for flow models)
+
+
+def model_info(model):
+    ms = model.get_model_object("model_sampling")
+    lf = model.get_model_object("latent_format")
+    kind = model_kind(ms)
+    sigmas = getattr(ms, "sigmas", None)
+    return ModelInfo(latent_channels=lf.latent_channels, latent_dimensions=getattr(lf, "latent_dimensions", 2),
+                     scale_factor=float(lf.scale_factor), flow=kind == "CONST", prediction=kind,
+                     sigma_min=float(ms.sigma_min), sigma_max=float(ms.sigma_max),
+                     model_sigmas=sigmas.detach().float().cpu() if sigmas is not None else None)
+
+
+def calculate_sigmas(model, scheduler, steps, denoise=1.0):
+    """ComfyUI's own schedule for this model (same as BasicScheduler): a CPU float tensor of steps+1 values."""
+    samplers = _comfy("comfy.samplers")
+    if scheduler not in samplers.SCHEDULER_NAMES:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(samplers.SCHEDULER_NAMES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    sigmas = samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
+    return sigmas[-(steps + 1):]
+
+
+def latent_samples(model, latent):
+    """The latent tensor of a LATENT (or a tensor), shaped for ``model``: an all-zero latent is widened to the
+    model's channel count as stock samplers do; any other channel mismatch is an error."""
+    samples = latent["samples"] if isinstance(latent, dict) else latent
+    samples = _comfy("comfy.sample").fix_empty_latent_channels(model, samples)
+    info = model_info(model)
+    if samples.shape[1] != info.latent_channels:
+        raise ValueError(f"the LATENT has {samples.shape[1]} channels but this model works on {info.latent_channels}: "
+                         "make the latent with this model family's Empty Latent node (or encode with its VAE)")
+    return samples
+
+
+def batched_latent(latent, batch):
+    """A LATENT with ``batch`` samples: a one-sample latent is repeated, a latent of that size kept."""
+    samples = latent["samples"]
+    if batch == samples.shape[0]:
+        return latent
+    if samples.shape[0] != 1:
+        raise ValueError(f"batch is {batch} but the LATENT holds {samples.shape[0]} samples: set batch to "
+                         f"{samples.shape[0]} or use a single-sample latent (it is repeated to the batch)")
+    return dict(latent, samples=samples.repeat(batch, *[1] * (samples.ndim - 1)))
+
+
+def empty_latent(model, width, height, batch_size=1, downscale=8):
+    """Zeros shaped for ``model`` at an image size (downscale = the VAE's spatial factor, 8 for SD/SDXL/SD3/Flux)."""
+    if width % downscale or height % downscale:
+        raise ValueError(f"width and height must be multiples of {downscale}, got {width}x{height}")
+    info = model_info(model)
+    return torch.zeros(batch_size, info.latent_channels, height // downscale, width // downscale)

@@ -1,0 +1,150 @@
+"""The user-facing DRaFT settings, once: the command line's arguments and the node's inputs both come from ``OPTIONS``.
+
+Each option names the ``DraftConfig`` field it sets; its default is that field's default, its type that default's
+type. ``choices`` maps what the user picks (a label) to the config value. ``ui`` says where it appears: "node"
+(a required node input and a CLI flag), "node-optional" (an optional node input and a CLI flag) or "cli" (the
+command line only).
+"""
+from dataclasses import MISSING, dataclass, fields
+
+from .draft import METHODS, PRECISIONS, DraftConfig
+from .lora import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
+
+TARGETS = {"attention": ATTENTION_TARGETS, "attention + feed-forward": ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
+           "all linear/conv": None}
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str                 # the DraftConfig field
+    help: str
+    name: str = None           # node input name (default: the field); the CLI flag is --name with dashes
+    flag: str = None           # a CLI flag that differs from --name
+    range: tuple = None        # (min, max, step) of a number
+    choices: dict = None       # label -> config value
+    ui: str = "node"           # "node", "node-optional" or "cli"
+    type: type = None          # when the default (None) does not tell it
+
+    @property
+    def input_name(self):
+        return self.name or self.field
+
+    @property
+    def cli_flag(self):
+        return self.flag or "--" + self.input_name.replace("_", "-")
+
+    @property
+    def default(self):
+        f = _FIELDS[self.field]
+        value = f.default if f.default is not MISSING else f.default_factory()
+        if self.choices is not None:
+            return next(label for label, v in self.choices.items() if v == value)
+        return value
+
+    @property
+    def value_type(self):
+        return self.type or type(self.default)
+
+    @property
+    def cli_choices(self):
+        """Choices on the command line: the config values when they are words (draft_k), else the labels."""
+        values = list(self.choices.values())
+        return values if all(isinstance(v, str) and " " not in v for v in values) else list(self.choices)
+
+    def to_config(self, value):
+        """The config value of a label (what a node shows) or of a config value itself (the command line)."""
+        if self.choices is None:
+            return value
+        if value in self.choices:
+            return self.choices[value]
+        if value in self.cli_choices:
+            return value
+        raise ValueError(f"{self.input_name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+
+
+_FIELDS = {f.name: f for f in fields(DraftConfig)}
+
+OPTIONS = (
+    Option("method", "DRaFT-K: grad through the last K steps. DRaFT-LV: n re-noised copies of the final sample. "
+           "AlignProp: K drawn per trajectory in [k_min, K]. ReFL: one step mid-chain. DRTune: K sparse steps "
+           "with stop-grad input. DRaFT (full): every step.", choices={m.label: m.name for m in METHODS.values()}),
+    Option("k", "K: grad steps (DRaFT-K, DRTune) or the largest K (AlignProp). 1 is best in the DRaFT paper and "
+           "needs the least memory.", range=(1, 200, 1)),
+    Option("lv_n", "DRaFT-LV: re-noised copies (n).", range=(1, 16, 1)),
+    Option("steps", "Sampling steps per trajectory.", range=(1, 200, 1)),
+    Option("cfg", "Classifier-free guidance inside the training trajectories.", range=(0.0, 30.0, 0.1)),
+    Option("batch_size", "Trajectories per step; lower it if you run out of memory.", range=(1, 64, 1)),
+    Option("lr", "AdamW learning rate of the LoRA.", name="learning_rate", flag="--lr", range=(1e-7, 1.0, 1e-5)),
+    Option("rank", "LoRA rank.", range=(1, 256, 1)),
+    Option("train_steps", "Optimiser steps.", name="training_steps", flag="--train-steps", range=(1, 100000, 1)),
+    Option("save_every", "Checkpoint every N steps (0: only at the end).", range=(0, 100000, 1)),
+    Option("seed", "Seeds noise, prompt order and method draws (private generator).", range=(0, 2**64 - 1, 1)),
+    Option("heldout_every", "Score the held-out prompts every N steps (0: never).", range=(0, 100000, 1),
+           ui="node-optional"),
+    Option("early_stop_patience", "Stop after N held-out scores without improvement (0: never).", range=(0, 1000, 1),
+           flag="--early-stop", ui="node-optional"),
+    Option("kl_weight", "DRaFT+ ε-space L2 penalty to the frozen model (anti reward hacking; one extra forward per "
+           "grad step).", range=(0.0, 1000.0, 0.01), ui="node-optional"),
+    Option("weight_decay", "AdamW weight decay.", range=(0.0, 10.0, 0.01), ui="node-optional"),
+    Option("max_grad_norm", "Gradient-norm clip (0: off).", range=(0.0, 1000.0, 0.1), ui="node-optional"),
+    Option("grad_accum", "Micro-batches per optimiser step (larger effective batch).", range=(1, 256, 1),
+           ui="node-optional"),
+    Option("targets", "Layers that get a LoRA.", choices=TARGETS, ui="node-optional"),
+    Option("precision", "Autocast dtype on CUDA (CPU always runs fp32).", choices={p: p for p in PRECISIONS},
+           ui="node-optional"),
+    Option("checkpointing", "Recompute grad steps in backward (less memory).", ui="node-optional"),
+    Option("alpha", "LoRA alpha (default: the rank, i.e. scale 1).", ui="cli", type=float),
+    Option("compile_prefix", "torch.compile backend for the no-grad prefix (e.g. inductor).", ui="cli", type=str),
+)
+BY_INPUT = {o.input_name: o for o in OPTIONS}
+
+
+def config_from_options(values, **fixed):
+    """A validated DraftConfig from user-facing option values (node inputs or parsed CLI arguments, by input name),
+    plus config fields set directly in ``fixed`` (the sampler and scheduler, whose choices the host knows)."""
+    unknown = sorted(set(values) - set(BY_INPUT))
+    if unknown:
+        raise ValueError(f"unknown DRaFT settings {unknown}; known: {sorted(BY_INPUT)}")
+    config = DraftConfig(**{BY_INPUT[k].field: BY_INPUT[k].to_config(v) for k, v in values.items()}, **fixed)
+    config.validate()
+    return config
+
+
+# --- the two user interfaces -----------------------------------------------------------------------------------
+
+def node_inputs(optional=False):
+    """ComfyUI V1 input specs (name -> (type, options)) of the node's required or optional options."""
+    kinds = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING"}
+    out = {}
+    for o in OPTIONS:
+        if o.ui != ("node-optional" if optional else "node"):
+            continue
+        spec = {"default": o.default, "tooltip": o.help}
+        if o.choices is not None:
+            out[o.input_name] = (list(o.choices), spec)
+            continue
+        if o.range is not None:
+            spec.update(min=o.range[0], max=o.range[1], step=o.range[2])
+        out[o.input_name] = (kinds[o.value_type], spec)
+    return out
+
+
+def add_cli_arguments(parser):
+    """One argparse argument per option (a boolean that defaults on becomes --no-<name>)."""
+    for o in OPTIONS:
+        dest = o.input_name
+        if o.value_type is bool:
+            flag = "--no-" + o.cli_flag[2:] if o.default else o.cli_flag
+            parser.add_argument(flag, dest=dest, action="store_false" if o.default else "store_true", help=o.help)
+        elif o.choices is not None:
+            default = o.to_config(o.default) if o.cli_choices != list(o.choices) else o.default
+            parser.add_argument(o.cli_flag, dest=dest, default=default, choices=o.cli_choices, help=o.help)
+        else:
+            parser.add_argument(o.cli_flag, dest=dest, type=o.value_type, default=o.default,
+                                help=o.help + ("" if o.default is None else f" (default: {o.default})"))
+    return parser
+
+
+def cli_values(args):
+    """The options' values from parsed CLI arguments (by input name)."""
+    return {o.input_name: getattr(args, o.input_name) for o in OPTIONS}
