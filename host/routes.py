@@ -160,7 +160,7 @@ def _score(name, prompt, data):
     image = decode_image(data)
     reward = ready_reward(name)
     with torch.no_grad():
-        value = reward(image.to(reward.device, reward.dtype), [prompt])
+        value = reward(image, [prompt])
     return float(value.reshape(-1)[0])
 
 

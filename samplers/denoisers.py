@@ -109,6 +109,16 @@ def _cat_batch(a, b):
     return a
 
 
+def cond_and_uncond(model, x, sigma, cond, uncond=None, **extra):
+    """(D_c, D_u) from one batched call of ``model`` (uncond rows first); D_u is None without an uncond, and then
+    only the conditional rows run. ``cond``/``uncond`` are dicts of keyword arguments for the model."""
+    if uncond is None:
+        return model(x, sigma, **cond, **extra), None
+    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **_cat_batch(uncond, cond), **extra)
+    D_u, D_c = both.chunk(2)
+    return D_c, D_u
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance, cond and uncond in one batched call: D = D_u + w·(D_c - D_u).
 
@@ -126,11 +136,10 @@ class CFGDenoiser(nn.Module):
 
     def forward(self, x, sigma, **extra):
         w = self.scale_at(sigma)
-        if self.uncond is None or (self.combine is None and w == 1.0):
-            return self.model(x, sigma, **self.cond, **extra)
-        kw = _cat_batch(self.uncond, self.cond)
-        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **kw, **extra)
-        uncond, cond = both.chunk(2)
+        skip_uncond = self.combine is None and w == 1.0
+        cond, uncond = cond_and_uncond(self.model, x, sigma, self.cond, None if skip_uncond else self.uncond, **extra)
+        if uncond is None:
+            return cond
         if self.combine is not None:
             return self.combine(cond, uncond, x, sigma, w)
         return uncond + (cond - uncond) * w

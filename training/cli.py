@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..plots import save_image, save_png, training_curve
+from ..rewards.base import prompt_lines
 from ..runtime import safe_output_path
 from .draft import DraftConfig, Trainer, TrainingStopped
 from .options import add_cli_arguments, cli_values, config_from_options
@@ -51,7 +52,7 @@ def _lines(path, default):
     if path is None:
         return list(default)
     with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+        lines = prompt_lines(f.read())
     if not lines:
         raise ValueError(f"{path} holds no prompts")
     return lines

@@ -9,7 +9,7 @@ per-run generator seeded with ``seed``, so a run is reproducible and two runs ne
 """
 import torch
 
-from .schedules import _progress_axis
+from .schedules import check_progress_axis
 
 
 class CADS:
@@ -19,7 +19,7 @@ class CADS:
         if not 0 <= psi <= 1:
             raise ValueError(f"CADS rescale ψ must lie in [0, 1], got {psi}")
         self.tau1, self.tau2, self.noise_scale, self.psi = float(tau1), float(tau2), float(noise_scale), float(psi)
-        self.seed, self.axis, self.keys = int(seed), _progress_axis(axis), keys
+        self.seed, self.axis, self.keys = int(seed), check_progress_axis(axis), keys
 
     def gamma(self, ctx):
         t = 1.0 - ctx.axis(self.axis)

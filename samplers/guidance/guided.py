@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..denoisers import _cat_batch
+from ..denoisers import cond_and_uncond
 from ..runner import sample
 from .combiners import CFG, AdaptiveGuidance, apply_combiner, make_combiner, zero_prediction
 from .context import RunInfo, check_kind, infer_kind, infer_progress
@@ -102,13 +102,8 @@ class GuidedRun(nn.Module):
 
         def evaluate(need_uncond):
             self.calls += 1
-            if not need_uncond:
-                self.evaluations += 1
-                return p.model(x, sigma, **cond, **extra), None
-            self.evaluations += 2
-            both = p.model(torch.cat([x, x]), torch.cat([sigma, sigma]), **_cat_batch(uncond, cond), **extra)
-            D_u, D_c = both.chunk(2)
-            return D_c, D_u
+            self.evaluations += 2 if need_uncond else 1
+            return cond_and_uncond(p.model, x, sigma, cond, uncond if need_uncond else None, **extra)
         return evaluate
 
     def _predict(self, x, sigma, ctx, extra):

@@ -24,13 +24,13 @@ PROGRESS_AXES = ("p_step", "p_model")
 INTERPOLATIONS = ("linear", "ease", "step")
 
 
-def _progress_axis(axis):
+def check_progress_axis(axis):
     if axis not in PROGRESS_AXES:
         raise ValueError(f"this schedule runs on a progress axis ({', '.join(PROGRESS_AXES)}), got {axis!r}")
     return axis
 
 
-def _any_axis(axis):
+def check_axis(axis):
     if axis not in AXES:
         raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
     return axis
@@ -81,7 +81,7 @@ class _Ramp(Schedule):
     end: float
 
     def __post_init__(self):
-        _progress_axis(self.axis)
+        check_progress_axis(self.axis)
 
     def __call__(self, ctx):
         return self.start + (self.end - self.start) * self.ramp(ctx.axis(self.axis))
@@ -127,7 +127,7 @@ class ClampLinear(Schedule):
     axis: str = "p_step"
 
     def __post_init__(self):
-        _progress_axis(self.axis)
+        check_progress_axis(self.axis)
 
     def __call__(self, ctx):
         return max(self.floor, 1 + 2 * (self.cfg - 1) * ctx.axis(self.axis))
@@ -142,7 +142,7 @@ class VShape(Schedule):
     axis: str = "p_step"
 
     def __post_init__(self):
-        _progress_axis(self.axis)
+        check_progress_axis(self.axis)
         if not 0 < self.center < 1:
             raise ValueError(f"center must lie strictly between 0 and 1, got {self.center}")
 
@@ -163,7 +163,7 @@ class Interval(Schedule):
     outside: float = 1.0
 
     def __post_init__(self):
-        _any_axis(self.axis)
+        check_axis(self.axis)
         if self.lo > self.hi:
             raise ValueError(f"interval lower bound {self.lo} is above the upper bound {self.hi}")
 
@@ -193,7 +193,7 @@ class Keyframes(Schedule):
     interpolation: str = "linear"
 
     def __post_init__(self):
-        _any_axis(self.axis)
+        check_axis(self.axis)
         if not self.points:
             raise ValueError("keyframes need at least one (position, value) pair")
         if self.interpolation not in INTERPOLATIONS:

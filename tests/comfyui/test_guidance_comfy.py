@@ -188,9 +188,9 @@ def test_plot_schedule_node(comfy, unet):
 
 
 def test_schedule_values_use_model_progress(comfy, unet):
-    from rewardlab.host import guidance as guidance_comfy
+    from rewardlab.host import guidance as host_guidance
     sigmas = sigmas_of(unet, 10)
-    vals, sig = guidance_comfy.schedule_values(unet, sigmas, g.Linear(0.0, 1.0, axis="p_model"))
+    vals, sig = host_guidance.schedule_values(unet, sigmas, g.Linear(0.0, 1.0, axis="p_model"))
     ms = unet.get_model_object("model_sampling")
     for v, s in zip(vals, sig):             # p_model inverts percent_to_sigma
         if 0.01 < v < 0.99:
