@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -583,16 +583,3 @@ def _status(fn_name, run_id, **fields):
     fn = getattr(status, fn_name, None)
     if fn is not None:
         fn(run_id, **fields)
-
-
-def config_from_dict(d):
-    """A DraftConfig from a plain dict (CLI / node inputs); unknown keys are an error naming them."""
-    known = set(DraftConfig.__dataclass_fields__)
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown DRaFT settings {unknown}; known: {sorted(known)}")
-    return DraftConfig(**d)
-
-
-def config_to_dict(cfg):
-    return asdict(cfg)
