@@ -25,7 +25,7 @@ from ..noise.chain import Chain
 from ..samplers.runner import Cancelled
 from ..samplers.steps import get_step
 from . import services
-from .grad import grad_ready, is_grad_ready
+from .grad import check_grad_ready, grad_ready, is_grad_ready
 from .models import is_flow, latent_samples
 
 STEP_NAMES = ("euler", "ddim", "euler_ancestral", "dpmpp_2m")
@@ -80,6 +80,8 @@ class RunnerSampler:
     def chain(self, model_wrap, sigmas, extra_args, noise, latent_image, denoise_mask=None):
         """The core Chain for this sampling call (module docstring)."""
         base = model_wrap.inner_model
+        if torch.is_grad_enabled() and isinstance(base, torch.nn.Module):
+            check_grad_ready(base)            # name what would break the backward pass, before any work
         ms = base.model_sampling
         flow, max_denoise = is_flow(ms), self.max_denoise(model_wrap, sigmas)
         with torch.inference_mode(False):     # ComfyUI made these in inference mode; these copies can join graphs

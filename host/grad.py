@@ -11,7 +11,7 @@ import importlib
 import torch
 
 from .. import runtime
-from ..training.lora import ATTENTION_TARGETS, LoRA, lora_targets
+from ..training.lora import ATTENTION_TARGETS, LoRA, layer_name_patterns, lora_targets
 
 
 def _comfy(module):
@@ -35,38 +35,83 @@ def grad_ready(model_patcher, wrappers=None):
     """A clone of ``model_patcher`` (a MODEL or ``vae.patcher``) that autograd can run through.
 
     ``wrappers`` maps a full weight key (e.g. ``"diffusion_model.out.2.weight"``) to a callable on the weight,
-    such as a LoRA adapter; every other weight and bias gets the identity. Base weights are frozen.
+    such as a LoRA adapter; every other weight and bias of a ComfyUI layer gets the identity. Every other parameter
+    and buffer (norm scales such as Flux's QK-norm, embedding tables, positional tables) is swapped for a normal copy
+    while this clone is loaded (an object patch), so nothing the forward uses is an inference tensor. Base weights
+    are frozen.
     """
     wrappers = dict(wrappers or {})
     patcher = model_patcher.clone()
-    for key in _wrappable_keys(patcher):
+    wrapped = set(_wrappable_keys(patcher))
+    for key in wrapped:
         patcher.add_weight_wrapper(key, wrappers.pop(key, _identity))
     if wrappers:
         raise ValueError(f"weight wrappers for keys this model does not have, e.g. {sorted(wrappers)[:3]}")
+    with torch.inference_mode(False):     # whatever another clone left in the shared modules, ours are normal
+        for key, tensor in _network_tensors(patcher):
+            if key not in wrapped:
+                patcher.add_object_patch(key, _normal_copy(tensor))
     patcher.model.requires_grad_(False)     # only the wrappers' own parameters may collect gradients
     return patcher
+
+
+def _network_tensors(patcher):
+    """Parameters and buffers of the network itself: a MODEL's diffusion_model (not its sampling tables), a VAE's
+    whole model; none below an object another patch replaces (their keys would not exist while loaded)."""
+    model = patcher.model
+    prefix = "diffusion_model." if hasattr(model, "diffusion_model") else ""
+    replaced = tuple(k + "." for k in patcher.object_patches)
+    for key, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if key.startswith(prefix) and not key.startswith(replaced):
+            yield key, tensor
+
+
+def _normal_copy(tensor):
+    copy = tensor.detach().clone()
+    return torch.nn.Parameter(copy, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copy
 
 
 def is_grad_ready(model_patcher):
     return all(k in model_patcher.weight_wrapper_patches for k in _wrappable_keys(model_patcher))
 
 
+def inference_tensors(model):
+    """Names of the network parameters and buffers of a loaded model (BaseModel) that autograd cannot save for
+    backward: inference tensors that no weight wrapper copies."""
+    network = getattr(model, "diffusion_model", model)
+    covered = {f"{name}.{attr}" for name, m in network.named_modules() for attr in ("weight", "bias")
+               if getattr(m, f"{attr}_function", None)}
+    return [k for k, t in (*network.named_parameters(), *network.named_buffers())
+            if t.is_inference() and k not in covered]
+
+
+def check_grad_ready(model):
+    """Fail early, naming them, when parameters of a loaded model would break the backward pass."""
+    stuck = inference_tensors(model)
+    if stuck:
+        raise RuntimeError(f"{len(stuck)} parameters/buffers of this model are inference tensors that gradients "
+                           f"cannot pass, e.g. {stuck[:5]}: the model was not prepared with host.grad.grad_ready "
+                           "(please report this with the model family)")
+
+
 def lora_patcher(model_patcher, rank=8, alpha=None, targets=ATTENTION_TARGETS, init="default"):
     """Grad-ready clone of a MODEL with a trainable ``training.lora.LoRA`` on every matching diffusion-model layer.
 
-    targets: module-name suffixes (default: attention q/k/v/out), a regex string, or None for every Linear/Conv.
-    Returns (patcher, adapters) with adapters keyed by ldm module name, so ``training.lora.lora_state_dict(adapters)``
-    writes ``diffusion_model.<module>.lora_up.weight`` etc., exactly what stock LoraLoader reads.
+    targets: "attention", "attention + feed-forward" or "all" (resolved per model family), module-name suffixes,
+    a regex string, or None for every layer. Returns (patcher, adapters) with adapters keyed by the name their LoRA is
+    saved under, so ``training.lora.lora_state_dict(adapters)`` writes ``diffusion_model.<module>.lora_up.weight``
+    etc. (``<module>_qkv`` for the q/k/v rows of Flux's fused single-block layer): keys stock LoraLoader reads.
     """
     dm = model_patcher.model.diffusion_model
-    names = lora_targets(dm, targets)
-    if not names:
-        raise ValueError(f"no Linear/Conv2d layer of this model matches LoRA targets {targets!r}; "
-                         "pass module-name suffixes, a regex, or None for all layers")
+    chosen = lora_targets(dm, targets)
+    if not chosen:
+        raise ValueError(f"no Linear/Conv layer of this model matches LoRA targets {targets!r}; its layers are named "
+                         f"like {layer_name_patterns(dm)}")
     modules = dict(dm.named_modules())
     with torch.inference_mode(False):       # adapter parameters must be normal (trainable) tensors
-        adapters = {n: LoRA(modules[n].weight.shape, rank, alpha, init, device=model_patcher.load_device) for n in names}
-    patcher = grad_ready(model_patcher, {f"diffusion_model.{n}.weight": a for n, a in adapters.items()})
+        adapters = {t.key: LoRA(modules[t.module].weight.shape, rank, alpha, init, device=model_patcher.load_device,
+                                rows=t.rows) for t in chosen}
+    patcher = grad_ready(model_patcher, {f"diffusion_model.{t.module}.weight": adapters[t.key] for t in chosen})
     return patcher, adapters
 
 

@@ -11,9 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ..samplers.runner import Cancelled, noise_scaling, sample
+from ..samplers.runner import Cancelled, noise_scaling, recompute_in_backward, sample
 
 
 @dataclass
@@ -139,7 +138,7 @@ def evaluate(chain, score, noise, policy=None, checkpoint_reward=False, cancel=N
         return images, score(images)
 
     if checkpoint_reward and torch.is_grad_enabled():
-        images, rewards = checkpoint(decode_and_score, latent, use_reentrant=False)
+        images, rewards = recompute_in_backward(decode_and_score, latent)
     else:
         images, rewards = decode_and_score(latent)
     return latent, images, rewards

@@ -12,11 +12,11 @@ How the methods map onto it (see docs/methods.md):
   DRTune       Policy.at(steps, stop_grad_input=True): θ-grads at sparse steps, no UNet Jacobian between them
   ReNO/DOODL   the noise is the leaf: Policy.all(checkpoint=True) and x_T requires grad
 """
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .steps import get_step
 
@@ -80,11 +80,90 @@ def noise_scaling(sigma, noise, latent=None, flow=False, max_denoise=True):
     return latent + noise * scale
 
 
+# --- gradients through models that update tensors in place -----------------------------------------------------
+#
+# Flux, Chroma and MMDiT blocks add residuals in place (``x += attn(norm(x))``). Autograd refuses a backward through
+# a tensor that was changed after it was saved (plain calls), and torch's non-reentrant checkpoint silently returns a
+# wrong input gradient in that case (its recomputation saves aliases). So every model call that records gradients
+# saves *copies* of its activations (``inplace_safe``), and checkpointed calls recompute in backward under the same
+# rule (``recompute_in_backward``). Weights are never updated in place: tensors without history are saved as they
+# are, and ``keep_saved`` marks LoRA'd weights so they are not copied either.
+
+_KEEP = "_rewardlab_keep_saved"
+
+
+def keep_saved(tensor):
+    """Mark a tensor (a weight with a LoRA added) that no model updates in place: saved for backward uncopied."""
+    setattr(tensor, _KEEP, True)
+    return tensor
+
+
+def _snapshot(t):
+    if t.grad_fn is None or getattr(t, _KEEP, False):
+        return t
+    return t.clone()
+
+
+def _unpack(t):
+    return t
+
+
+@contextlib.contextmanager
+def inplace_safe():
+    """Within this context, operations save copies of the activations they need for backward."""
+    with torch.autograd.graph.saved_tensors_hooks(_snapshot, _unpack):
+        yield
+
+
+def _autocast_states():
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
+
+
+class _Checkpoint:
+    """Saved-tensor hooks that keep only an index per saved tensor; the first unpack in backward runs ``fn`` again
+    (same input, same autocast) and records what it saves, copying activations as ``inplace_safe`` does. The graph
+    is recorded in the forward, so ``torch.autograd.grad`` with any inputs (LoRA weights, the noise) works."""
+
+    def __init__(self, fn, x):
+        self.fn, self.x, self.autocast = fn, x.detach().requires_grad_(x.requires_grad), _autocast_states()
+        self.count, self.saved = 0, None
+
+    def pack(self, t):
+        self.count += 1
+        return self.count - 1
+
+    def unpack(self, index):
+        if self.saved is None:
+            self.saved = []
+            with contextlib.ExitStack() as stack:
+                for device, enabled, dtype in self.autocast:
+                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._record, _unpack))
+                self.fn(self.x)
+            if len(self.saved) != self.count:     # a model whose recomputation differs would get wrong gradients
+                raise RuntimeError(f"checkpoint recomputation saved {len(self.saved)} tensors where the forward "
+                                   f"saved {self.count}: this model does not compute the same way twice; turn "
+                                   "checkpointing off")
+        return self.saved[index]
+
+    def _record(self, t):
+        self.saved.append(_snapshot(t))
+
+
+def recompute_in_backward(fn, x):
+    """``fn(x)`` that keeps no activations for backward: they are recomputed then (gradient checkpointing)."""
+    hooks = _Checkpoint(fn, x)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        return fn(x)
+
+
 def _denoise(model, x, sigma, extra, use_checkpoint):
     s = sigma.expand(x.shape[0])
-    if use_checkpoint:
-        return checkpoint(lambda a: model(a, s, **extra), x, use_reentrant=False)
-    return model(x, s, **extra)
+    if use_checkpoint and torch.is_grad_enabled():
+        return recompute_in_backward(lambda a: model(a, s, **extra), x)
+    with inplace_safe():
+        return model(x, s, **extra)
 
 
 def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callback=None, cancel=None,

@@ -149,5 +149,5 @@ def test_bad_files_give_clear_errors(model):
     with pytest.raises(ValueError, match="match no module"):
         lora.apply_lora(Tree(), {"diffusion_model.nope.lora_up.weight": torch.zeros(2, 1),
                                  "diffusion_model.nope.lora_down.weight": torch.zeros(1, 2)})
-    with pytest.raises(ValueError, match="no Linear/Conv2d"):
+    with pytest.raises(ValueError, match="no Linear/Conv layer"):
         lora.inject_lora(Tree(), targets=("missing",))

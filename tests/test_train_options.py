@@ -5,7 +5,7 @@ import pytest
 from rewardlab.cli import build_parser
 from rewardlab.nodes.train_nodes import RewardLabDRaFTTrainLoRA
 from rewardlab.training.draft import METHODS, DraftConfig
-from rewardlab.training.options import OPTIONS, TARGETS, config_from_options
+from rewardlab.training.options import OPTIONS, config_from_options
 
 
 def node_specs():
@@ -39,16 +39,16 @@ def test_cli_arguments_come_from_the_same_table():
                                       "--targets", "attention + feed-forward", "--early-stop", "3"])
     cfg = config_from_options({o.input_name: getattr(args, o.input_name) for o in OPTIONS} | {"steps": 8, "cfg": 3.0})
     assert (cfg.method, cfg.lr, cfg.checkpointing, cfg.early_stop_patience) == ("alignprop", 1e-3, False, 3)
-    assert cfg.targets == TARGETS["attention + feed-forward"]
+    assert cfg.targets == "attention + feed-forward"
 
 
 def test_node_labels_and_cli_values_give_the_same_config():
     node = {name: spec[1]["default"] for name, spec in node_specs().items()
             if name in {o.input_name for o in OPTIONS}}
-    node.update(method="DRaFT-LV", targets="all linear/conv")
+    node.update(method="DRaFT-LV", targets="all")
     cli = dict(node, method="draft_lv")
     assert config_from_options(node) == config_from_options(cli)
-    assert config_from_options(node).method == "draft_lv" and config_from_options(node).targets is None
+    assert config_from_options(node).method == "draft_lv" and config_from_options(node).targets == "all"
     with pytest.raises(ValueError, match="unknown DRaFT settings"):
         config_from_options({"learning_rat": 1e-3})
     with pytest.raises(ValueError, match="method must be one of"):

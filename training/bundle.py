@@ -7,9 +7,9 @@ UNet, a VAE or a text encoder directly, so the same loop runs on the embedded ti
 directory and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
 """
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..samplers import CFGDenoiser, sigma_schedule
+from ..samplers.runner import recompute_in_backward
 from . import lora as lora_mod
 
 
@@ -101,7 +101,7 @@ class TorchBundle(ModelBundle):
 
     def decode(self, x):
         if self.checkpoint_decode and torch.is_grad_enabled():
-            return checkpoint(self._decode, x, use_reentrant=False)
+            return recompute_in_backward(self._decode, x)
         return self._decode(x)
 
     def add_lora(self, rank, alpha, targets):

@@ -31,7 +31,7 @@ import torch
 from .. import runtime
 from ..samplers import Cancelled, Policy, noise_scaling, sample
 from . import checkpoints as ckpt
-from .lora import ATTENTION_TARGETS, load_lora_state_dict, lora_parameters, lora_state_dict
+from .lora import load_lora_state_dict, lora_parameters, lora_state_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -56,7 +56,8 @@ class DraftConfig:
     max_grad_norm: float = 1.0    # 0 disables clipping
     rank: int = 8
     alpha: float = None           # None: alpha = rank (scale 1)
-    targets: tuple = ATTENTION_TARGETS
+    targets: object = "attention"  # a choice in lora.TARGET_CHOICES (by model family), suffixes, a regex, or None
+    targets_regex: str = ""       # when set, a regular expression on layer names that overrides ``targets``
     train_steps: int = 100
     seed: int = 0
     shuffle: bool = True
@@ -269,7 +270,8 @@ class Trainer:
         self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
         self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
-        self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha, c.targets)
+        self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha,
+                                                                              c.targets_regex or c.targets)
         self.params = lora_parameters(self.adapters)
         for p in self.params:
             p.requires_grad_(True)

@@ -8,10 +8,7 @@ command line only).
 from dataclasses import MISSING, dataclass, fields
 
 from .draft import METHODS, PRECISIONS, DraftConfig
-from .lora import ATTENTION_TARGETS, FEED_FORWARD_TARGETS
-
-TARGETS = {"attention": ATTENTION_TARGETS, "attention + feed-forward": ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
-           "all linear/conv": None}
+from .lora import TARGET_CHOICES
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,11 @@ OPTIONS = (
     Option("max_grad_norm", "Gradient-norm clip (0: off).", range=(0.0, 1000.0, 0.1), ui="node-optional"),
     Option("grad_accum", "Micro-batches per optimiser step (larger effective batch).", range=(1, 256, 1),
            ui="node-optional"),
-    Option("targets", "Layers that get a LoRA.", choices=TARGETS, ui="node-optional"),
+    Option("targets", "Layers that get a LoRA, the same on every model family: the attention projections, also the "
+           "MLPs, or every layer of the blocks (never embeddings, norms or modulation).",
+           choices={c: c for c in TARGET_CHOICES}, ui="node-optional"),
+    Option("targets_regex", "Advanced: a regular expression on layer names that replaces 'targets' (for model "
+           "families RewardLab does not know; the error for such a model lists its layer names).", ui="node-optional"),
     Option("precision", "Autocast dtype on CUDA (CPU always runs fp32).", choices={p: p for p in PRECISIONS},
            ui="node-optional"),
     Option("checkpointing", "Recompute grad steps in backward (less memory).", ui="node-optional"),

@@ -10,6 +10,7 @@ Backward guidance finds Δ* ≈ argmax_Δ R(decode(x̂0 + Δ)) with m gradient s
 """
 import torch
 
+from ..runner import inplace_safe
 from .schedules import as_schedule
 
 
@@ -41,7 +42,8 @@ class RewardGuidance:
         with torch.inference_mode(False), torch.enable_grad():
             if s != 0 and self.through_model:
                 x_in = x.detach().clone().requires_grad_(True)
-                D = predict(x_in)
+                with inplace_safe():                  # models that add residuals in place (see runner.py)
+                    D = predict(x_in)
                 grad, = torch.autograd.grad(self.score(D).sum(), x_in)
                 D = D.detach()
             else:
