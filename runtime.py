@@ -48,6 +48,16 @@ class Runtime:
     def progress(self, total):
         return NullBar(total)
 
+    def manage(self, module):
+        """Hand an auxiliary model (a reward model) to the host's memory manager, which may move it off the
+        accelerator to make room for others. The plain runtime has none."""
+
+    def use(self, module):
+        """Bring a managed model back to its compute device before it runs."""
+
+    def forget(self, module):
+        """Take a model out of the host's memory manager (it is being dropped)."""
+
     def reward_folders(self):
         """Folders searched for reward-model weights, in order."""
         return [os.environ["REWARDLAB_MODELS"]] if os.environ.get("REWARDLAB_MODELS") else []

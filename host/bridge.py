@@ -26,7 +26,7 @@ from ..samplers.runner import Cancelled
 from ..samplers.steps import get_step
 from . import services
 from .grad import check_grad_ready, grad_ready, is_grad_ready
-from .models import is_flow, latent_samples
+from .models import check_conditioning, is_flow, latent_samples
 
 STEP_NAMES = ("euler", "ddim", "euler_ancestral", "dpmpp_2m")
 
@@ -158,7 +158,9 @@ def run_in_guider(guider, body, latent, sigmas, seed=0, step="euler", eta=None, 
 
 
 def cfg_guider(model, positive, negative, cfg):
-    """Stock CFGGuider on ``model``."""
+    """Stock CFGGuider on ``model`` (conditioning checked against the model family first)."""
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     guider = _comfy("comfy.samplers").CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)

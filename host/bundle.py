@@ -11,7 +11,7 @@ from .. import runtime
 from ..training.bundle import ModelBundle
 from .bridge import cfg_guider, run_in_guider
 from .grad import load_for_training, lora_patcher, release
-from .models import calculate_sigmas, model_info
+from .models import calculate_sigmas, check_conditioning, model_info
 from .vae import decode, grad_vae
 
 
@@ -31,14 +31,26 @@ def zero_conditioning(conditioning):
             for c, d in conditioning]
 
 
-class ComfyBundle(ModelBundle):
-    """A ComfyUI MODEL + VAE (+ CONDITIONING, or CLIP for per-sample prompts) as a trainer bundle."""
+def is_guidance_distilled(model):
+    """Flux-dev-like models take the guidance value as an input (FluxGuidance) instead of a CFG batch."""
+    return bool(model.model.model_config.unet_config.get("guidance_embed"))
 
-    def __init__(self, model, vae, width, height, positive=None, negative=None, clip=None, downscale=8):
+
+class ComfyBundle(ModelBundle):
+    """A ComfyUI MODEL + VAE (+ CONDITIONING, or CLIP for per-sample prompts) as a trainer bundle.
+
+    Prompts encoded with the CLIP input get what the family's own text-encode nodes add: the image size, no crop and
+    the target size (CLIPTextEncodeSDXL; SDXL's size conditioning), and for guidance-distilled models the
+    ``guidance`` value (FluxGuidance). Connected CONDITIONING is used as it is.
+    """
+
+    def __init__(self, model, vae, width, height, positive=None, negative=None, clip=None, downscale=8,
+                 guidance=3.5, vae_tile=0):
         if positive is None and clip is None:
             raise ValueError("connect a positive CONDITIONING, or a CLIP and a prompt list")
         self.model, self.vae, self.clip = model, vae, clip
-        self.positive, self.negative = positive, negative
+        self.positive = check_conditioning(model, positive, "positive")
+        self.negative = check_conditioning(model, negative, "negative")
         info = model_info(model)
         if width % downscale or height % downscale:
             raise ValueError(f"width and height must be multiples of {downscale}, got {width}x{height}")
@@ -46,7 +58,19 @@ class ComfyBundle(ModelBundle):
         self.latent_shape = (info.latent_channels, height // downscale, width // downscale)
         self.device = torch.device(runtime.current().device())
         self.patcher = self.vae_patcher = None
+        self.vae_tile = vae_tile
         self._encoded = {}
+        self._extra = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
+                       "target_height": height}
+        if is_guidance_distilled(model):
+            self._extra["guidance"] = float(guidance)
+
+    def encode_prompts(self, prompts):
+        """Encode every prompt (and the empty negative) now, so the text encoder is not needed during training and
+        ComfyUI can move it off the GPU when the models for training load."""
+        if self.clip is not None:
+            for prompt in dict.fromkeys([*prompts, ""]):
+                self._clip_cond(prompt)
 
     def add_lora(self, rank, alpha, targets):
         self.patcher, adapters = lora_patcher(self.model, rank=rank, alpha=alpha, targets=targets)
@@ -63,7 +87,8 @@ class ComfyBundle(ModelBundle):
         if prompt not in self._encoded:
             with torch.inference_mode(False), torch.no_grad():
                 tokens = self.clip.tokenize(prompt)
-                self._encoded[prompt] = self.clip.encode_from_tokens_scheduled(tokens)[0]
+                c, d = self.clip.encode_from_tokens_scheduled(tokens)[0]
+            self._encoded[prompt] = check_conditioning(self.model, [[c, {**d, **self._extra}]], "CLIP")[0]
         c, d = self._encoded[prompt]
         return [c, dict(d)]
 
@@ -88,7 +113,7 @@ class ComfyBundle(ModelBundle):
         return run_in_guider(guider, lambda chain: fn(chain.denoiser()), zeros, self._schedule.cpu(), seed=0)
 
     def decode(self, x):
-        return decode(self.vae, self.patcher.model.process_latent_out(x), patcher=self.vae_patcher)
+        return decode(self.vae, self.patcher.model.process_latent_out(x), patcher=self.vae_patcher, tile=self.vae_tile)
 
     def release(self):
         """Unload the grad-ready clones and strip the LoRA wrappers from the shared modules."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..samplers.guidance import CFG, Constant, GuidanceSpec, RunInfo, apply_combiner, guided_step
-from .models import model_kind
+from .models import check_conditioning, model_kind
 
 _GUIDER_CLASS = None
 
@@ -175,6 +175,8 @@ def scheduled_guider_class():
 
 
 def scheduled_guider(model, positive, negative, spec):
+    check_conditioning(model, positive, "positive")
+    check_conditioning(model, negative, "negative")
     guider = scheduled_guider_class()(model, spec)
     guider.set_conds(positive, negative)
     return guider

@@ -94,3 +94,29 @@ def empty_latent(model, width, height, batch_size=1, downscale=8):
         raise ValueError(f"width and height must be multiples of {downscale}, got {width}x{height}")
     info = model_info(model)
     return torch.zeros(batch_size, info.latent_channels, height // downscale, width // downscale)
+
+
+def family_name(model):
+    """ComfyUI's name for the model's configuration (SD15, SDXL, Segmind_Vega, SD3, Flux, Lumina2, ...)."""
+    return type(model.model.model_config).__name__
+
+
+def text_width(model):
+    """Features per text token the model's conditioning must have (None when the configuration does not say)."""
+    config = model.model.model_config.unet_config
+    for key in ("context_dim", "context_in_dim", "cap_feat_dim", "joint_attention_dim"):
+        if config.get(key):
+            return int(config[key])
+    embedder = config.get("context_embedder_config")
+    return int(embedder["params"]["in_features"]) if embedder else None
+
+
+def check_conditioning(model, conditioning, what="positive"):
+    """A clear error when a CONDITIONING was made by another family's text encoder (wrong width per token)."""
+    expected = text_width(model)
+    for tensor, _ in conditioning or ():
+        if expected is not None and tensor.shape[-1] != expected:
+            raise ValueError(f"the {what} CONDITIONING has {tensor.shape[-1]} features per token, but this "
+                             f"{family_name(model)} model takes {expected}: encode the prompt with this model family's "
+                             "text encoders (the CLIP output of its checkpoint, or the CLIP loader type made for it)")
+    return conditioning

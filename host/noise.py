@@ -28,7 +28,8 @@ class OptimisedNoise:
         return self.tensor.clone()
 
 
-def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler, seed, batch, method):
+def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler, seed, batch, method,
+                     vae_tile=0):
     """Run a noise method on a ComfyUI MODEL: ``method(chain, noise) -> noise.chain.NoiseResult``.
 
     The latent is repeated to ``batch``; the start noise is the seed's own (as stock RandomNoise gives it), so the
@@ -53,7 +54,7 @@ def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler
         try:
             load_for_training(patcher, vae_patcher)     # both resident: decode must not evict the UNet mid-loop
             result = run_in_guider(cfg_guider(patcher, positive, negative, cfg), body, samples, sigmas, seed=seed,
-                                   step=sampler, decode=lambda z: decode(vae, z, patcher=vae_patcher))
+                                   step=sampler, decode=lambda z: decode(vae, z, patcher=vae_patcher, tile=vae_tile))
         finally:
             release(patcher, vae_patcher)
     return result, (OptimisedNoise(result.seed, result.noise), {"samples": result.latent},

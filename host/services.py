@@ -13,6 +13,15 @@ import torch
 from .. import runtime
 
 REWARD_FOLDER = "rewards"
+_MANAGED = {}          # id(reward model) -> its ModelPatcher
+
+
+class _Holder(torch.nn.Module):
+    """The module a reward's ModelPatcher manages: ComfyUI stores its bookkeeping on it, moving it moves the reward."""
+
+    def __init__(self, reward):
+        super().__init__()
+        self.reward = reward
 
 
 def optional(module):
@@ -57,6 +66,34 @@ class ComfyRuntime(runtime.Runtime):
         """comfy.utils.ProgressBar: UI progress, previews, and Cancel (its update raises the interrupt)."""
         utils = optional("comfy.utils")
         return utils.ProgressBar(total) if utils is not None else super().progress(total)
+
+    def manage(self, module):
+        """A ModelPatcher around the reward model, so comfy.model_management can offload it to load a large
+        diffusion model (and the reverse); ComfyUI's "free memory" and Unload Reward Models release it."""
+        mm = optional("comfy.model_management")
+        if mm is None or id(module) in _MANAGED or not any(True for _ in module.parameters()):
+            return                    # weight-free rewards need no memory management
+        import comfy.model_patcher
+        holder = _Holder(module)      # ModelPatcher sets attributes such as ``device`` on the module it manages
+        device = next(iter(module.parameters()), torch.empty(0)).device
+        _MANAGED[id(module)] = comfy.model_patcher.ModelPatcher(holder, load_device=device,
+                                                                 offload_device=mm.unet_offload_device())
+        self.use(module)
+
+    def use(self, module):
+        patcher = _MANAGED.get(id(module))
+        if patcher is not None:
+            # moved outside inference mode, so the weights stay normal tensors a backward pass can save
+            with torch.inference_mode(False):
+                optional("comfy.model_management").load_models_gpu([patcher], force_full_load=True)
+
+    def forget(self, module):
+        patcher = _MANAGED.pop(id(module), None)
+        mm = optional("comfy.model_management")
+        if patcher is not None and mm is not None:
+            for i in reversed(range(len(mm.current_loaded_models))):
+                if mm.current_loaded_models[i].model is patcher:
+                    mm.current_loaded_models.pop(i).model_unload()
 
     def reward_folders(self):
         """ComfyUI's models/rewards (every registered path), then $REWARDLAB_MODELS."""

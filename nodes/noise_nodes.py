@@ -10,6 +10,7 @@ from .. import runtime
 from ..host.bridge import STEP_NAMES
 from ..host.noise import OptimisedNoise, run_noise_method
 from ..host.services import best_image_progress, scheduler_names
+from .train_nodes import VAE_TILE_INPUT
 from ..noise import METHODS, OPTIMIZERS, noise_search, optimise_noise
 from ..plots import line_plot
 from ..rewards.base import split_prompts
@@ -91,11 +92,12 @@ class RewardLabReNOOptimiseNoise:
             "perturbation": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,
                                        "tooltip": "DOODL: std of small random kicks added after each update "
                                                   "(1e-4 in DOODL)."}),
+            "vae_tile_size": VAE_TILE_INPUT,
         }}
 
     def optimise(self, model, positive, negative, vae, latent, reward, steps, sampler, scheduler, cfg, seed, batch,
                  iterations, lr, reg_weight, prompt="", optimizer="sgd", grad_clip=0.1, grad_last=0,
-                 checkpoint_steps=False, checkpoint_reward=False, renormalise=False, perturbation=0.0):
+                 checkpoint_steps=False, checkpoint_reward=False, renormalise=False, vae_tile_size=0, perturbation=0.0):
         def run(chain, noise):
             return optimise_noise(chain, reward, noise, split_prompts(prompt, noise.shape[0]), iterations=iterations,
                                   lr=lr, optimizer=optimizer, grad_clip=grad_clip, reg_weight=reg_weight,
@@ -105,7 +107,7 @@ class RewardLabReNOOptimiseNoise:
                                   cancel=runtime.current().interrupted)
 
         result, outputs = run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler,
-                                           seed, batch, run)
+                                           seed, batch, run, vae_tile=vae_tile_size)
         plot = line_plot({"reward": result.history.mean(1).tolist(), "best": result.best_so_far().mean(1).tolist()},
                          title="ReNO: reward per iteration", xlabel="iteration", ylabel="reward")
         return (*outputs, plot)

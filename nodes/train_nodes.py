@@ -20,6 +20,9 @@ from ..training.lora import mix_lora_state_dicts
 from ..training.options import config_from_options, node_inputs
 
 CATEGORY = "RewardLab/Training"
+VAE_TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
+                          "tooltip": "Decode the images for the reward in tiles of this many pixels (0: in one piece), "
+                                     "for large images whose decoder activations do not fit in memory."})
 
 
 # --- nodes --------------------------------------------------------------------------------------------------------
@@ -69,25 +72,33 @@ class RewardLabDRaFTTrainLoRA:
                 "positive": ("CONDITIONING", {"tooltip": "Fixed positive conditioning (instead of CLIP + prompts). "
                                                          "SDXL size/pooled conds come from here."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (default: empty prompt / zeros)."}),
-                "clip": ("CLIP", {"tooltip": "Encodes each training prompt separately (per-sample conditioning)."}),
+                "clip": ("CLIP", {"tooltip": "Encodes each training prompt separately (per-sample conditioning), "
+                                             "with the image size as SDXL's size conditioning."}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Distilled guidance of guidance-distilled models (Flux-dev), as "
+                                                  "FluxGuidance sets it, for prompts encoded with the CLIP input "
+                                                  "(use cfg 1 with these models). Ignored by other models."}),
                 "heldout_prompts": ("STRING", {"multiline": True, "default": "",
                                                "tooltip": "Held-out prompts scored every 'heldout_every' steps "
                                                           "(reward-hacking monitor; needs CLIP to differ)."}),
                 **node_inputs(optional=True),
+                "vae_tile_size": VAE_TILE_INPUT,
                 "resume": ("BOOLEAN", {"default": False,
                                        "tooltip": "Continue from output/loras/<name> and its .state.pt if present."}),
             },
         }
 
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
-              negative=None, clip=None, heldout_prompts="", resume=False, **options):
+              negative=None, clip=None, guidance=3.5, heldout_prompts="", vae_tile_size=0, resume=False, **options):
         lines = prompt_lines(prompts) or [""]
         held = prompt_lines(heldout_prompts)
         if not held:
             options["heldout_every"] = 0
         config = config_from_options(options, sampler=sampler, scheduler=scheduler)
         path = ckpt.output_lora_path(name)
-        bundle = ComfyBundle(model, vae, width, height, positive, negative, clip)
+        bundle = ComfyBundle(model, vae, width, height, positive, negative, clip, guidance=guidance,
+                             vae_tile=vae_tile_size)
+        bundle.encode_prompts(lines + held)
         pbar = runtime.current().progress(config.train_steps)
 
         def on_step(record, trainer):

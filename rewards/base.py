@@ -9,6 +9,8 @@ import itertools
 
 import torch
 
+from .. import runtime
+
 
 class Reward(torch.nn.Module):
     """Base class: frozen, always in eval mode, differentiable w.r.t. the images.
@@ -39,6 +41,7 @@ class Reward(torch.nn.Module):
     def forward(self, images, prompts=None):
         images = check_images(images, self.name)
         prompts = normalize_prompts(prompts, images.shape[0], self.needs_text, self.name)
+        runtime.current().use(self)       # a host's memory manager may have moved the weights away
         home = self._weights_device()
         scores = self.score(images if home is None else images.to(home), prompts)
         if scores.shape != (images.shape[0],):

@@ -138,6 +138,7 @@ def load_reward(name, device=None, dtype=torch.float32, folder=None, allow_downl
     key = (name, str(device), str(dtype), tuple(sorted(files.items())), tuple(sorted((config or {}).items())))
     if key not in _CACHE:
         _CACHE[key] = build_reward(name, files, config, device, dtype)
+        runtime.current().manage(_CACHE[key])
     return _CACHE[key]
 
 
@@ -149,7 +150,7 @@ def unload(name=None):
     """Drop cached models (all, or those called ``name``) and return how many were dropped."""
     keys = [k for k in _CACHE if name is None or k[0] == name]
     for k in keys:
-        del _CACHE[k]
+        runtime.current().forget(_CACHE.pop(k))
     if keys:
         runtime.current().free_memory()
     return len(keys)

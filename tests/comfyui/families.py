@@ -34,6 +34,9 @@ def init_(module, std=0.02, seed=0):
                 p.fill_(1.0)
             else:
                 p.zero_()
+        for name, b in module.named_buffers():        # tables built with torch.empty (MMDiT's positional table)
+            if name.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, generator=g) * std)
 
 
 def save(module, path, dtype=torch.float16):
