@@ -13,10 +13,11 @@ from rewardlab.cli import build_parser
 from rewardlab.rewards import load_reward
 from rewardlab.training.checkpoints import load_lora_file
 from rewardlab.training.cli import build
-from rewardlab.training.draft import Trainer
+from rewardlab.training.draft import DraftConfig, Trainer
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _dist_train import rank_main  # noqa: E402
+from _train_fixtures import TARGETS, reward, toy_bundle  # noqa: E402
 
 ARGS = ["--device", "cpu", "--reward", "colourfulness", "--steps", "2", "--batch-size", "1", "--precision", "fp32",
         "--save-every", "0", "--rank", "2", "--lr", "1e-2", "--seed", "3"]
@@ -72,3 +73,17 @@ def test_two_ranks_train_and_resume_like_one_process_accumulating_their_micro_ba
     assert "step    1" in printed0 and "step    3" in printed0 and "resumed" in printed0
     assert printed0.count("reward before") == 2
     assert printed1 == ""
+
+
+def test_lora_init_comes_from_the_seed_and_leaves_the_global_rng_alone():
+    """Every rank builds its own adapters: they start equal because the init is drawn from config.seed."""
+    def downs(seed, draws=0):
+        bundle = toy_bundle()             # (seeds the global RNG itself, for its network)
+        torch.rand(draws)                 # a different global RNG state when draws > 0
+        state = torch.random.get_rng_state()
+        trainer = Trainer(bundle, reward, DraftConfig(targets=TARGETS, seed=seed, steps=2), prompts=["a"])
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return torch.cat([a.down.flatten() for a in trainer.adapters.values()])
+
+    first = downs(5)
+    assert torch.equal(downs(5, draws=3), first) and not torch.equal(downs(6), first)

@@ -4,6 +4,7 @@ reproduces the diffusers pipeline itself, training writes a LoRA on the attentio
 --resume continues from it."""
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -12,12 +13,12 @@ import torch
 from rewardlab.cli import build_parser
 from rewardlab.samplers import noise_scaling, sample
 from rewardlab.training import checkpoints as ckpt
-from rewardlab.training.lora import lora_state_dict
+from rewardlab.training.lora import lora_targets
 from rewardlab.training.pipelines import FLUX_TARGETS, diffusers_bundle, family_targets
 from rewardlab.training.options import TARGETS
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
-from _pipeline_fixtures import WRITERS  # noqa: E402
+from _pipeline_fixtures import WRITERS, vae  # noqa: E402
 
 # The LoRA module names ComfyUI's stock loader maps, per family (comfy/lora.py ``model_lora_keys_unet``):
 #  - SD/SDXL: "lora_unet_" + a key of comfy.utils.unet_to_diffusers with dots as underscores; its attention entries
@@ -29,10 +30,12 @@ from _pipeline_fixtures import WRITERS  # noqa: E402
 #    attn2), and single_transformer_blocks.i.{attn.to_q, attn.to_k, attn.to_v, proj_mlp, proj_out}.
 # tests/comfyui/test_cli_lora_keys.py checks the same against ComfyUI's own functions when COMFYUI_PATH is set.
 _QKVO = r"(to_q|to_k|to_v|to_out\.0)"
-_JOINT = r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)|(ff|ff_context)\.net\.(0\.proj|2))"
+_JOINT = (r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+          r"|(ff|ff_context)\.net\.(0\.proj|2))")
 COMFY_MAPPED = {
-    "sdxl": (r"lora_unet_", r"(down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0|up_blocks\.\d+\.attentions\.\d+)"
-             r"\.transformer_blocks\.\d+\.(attn[12]\." + _QKVO + r"|ff\.net\.(0\.proj|2))", True),
+    "sdxl": (r"lora_unet_", r"(down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0"
+             r"|up_blocks\.\d+\.attentions\.\d+)\.transformer_blocks\.\d+\.(attn[12]\." + _QKVO
+             + r"|ff\.net\.(0\.proj|2))", True),
     "sd3": ("transformer.", r"transformer_blocks\.\d+\.(" + _JOINT + r"|attn2\." + _QKVO + ")", False),
     "flux": ("transformer.", r"transformer_blocks\.\d+\." + _JOINT + r"|single_transformer_blocks\.\d+\."
              r"(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)", False),
@@ -143,12 +146,9 @@ def test_flux_trains_with_the_distilled_guidance_and_no_cfg_batch(folders):
 
 
 def test_flux_targets_keep_attention_and_feed_forward_apart(folders):
-    bundle = diffusers_bundle(folders["flux"], height=32, width=32)
-    transformer = bundle.pipeline.transformer
-    names = {label: set(lora_state_dict(bundle.add_lora(2, None, TARGETS[label]), key=lambda n: n))
-             for label in ("attention", "attention + feed-forward")}
-    attention = {k.rsplit(".", 2)[0] for k in names["attention"] if k.endswith("lora_up.weight")}
-    both = {k.rsplit(".", 2)[0] for k in names["attention + feed-forward"] if k.endswith("lora_up.weight")}
+    transformer = diffusers_bundle(folders["flux"], height=32, width=32).lora_root
+    attention, both = (set(lora_targets(transformer, family_targets(FLUX_TARGETS, TARGETS[label])))
+                       for label in ("attention", "attention + feed-forward"))
     assert "single_transformer_blocks.0.attn.to_q" in attention and "transformer_blocks.0.attn.add_k_proj" in attention
     assert not any("ff" in n or "proj_mlp" in n or n.endswith("proj_out") for n in attention)
     assert both - attention == {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
@@ -183,3 +183,9 @@ def test_bad_folders_get_errors_that_name_the_fix(folders, tmp_path):
         diffusers_bundle(str(tmp_path / "bare"))
     with pytest.raises(ValueError, match="multiples of 4"):         # Flux packs 2x2 latents: 2 x the VAE factor
         diffusers_bundle(folders["flux"], height=30, width=32)
+    mixed = tmp_path / "flux-with-an-sd-vae"
+    shutil.copytree(folders["flux"], mixed)
+    shutil.rmtree(mixed / "vae")
+    vae(4).save_pretrained(mixed / "vae")
+    with pytest.raises(ValueError, match="4 latent channels but its network expects 16.*VAE that ships"):
+        diffusers_bundle(str(mixed), height=32, width=32)

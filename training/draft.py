@@ -294,9 +294,12 @@ class Trainer:
     def _seeded(self, make):
         """Run ``make`` (the LoRA init) with the global RNG seeded from config.seed and restored afterwards, so every
         data-parallel rank, and every rerun, starts from the same adapters."""
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(self.cfg.seed, "lora-init"))
+        cuda = torch.cuda.is_initialized()        # LoRA weights on a GPU imply an initialised CUDA
+        seed = derive_seed(self.cfg.seed, "lora-init")
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed_all(seed)
             return make()
 
     # --- what a step draws -------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def _vae_factor(pipe):
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def _size(pipe, height, width, default, multiple):
+def _size(height, width, default, multiple):
     height, width = height or default, width or default
     if height % multiple or width % multiple:
         raise ValueError(f"--height and --width must be multiples of {multiple} for this model, got {width}x{height}")
@@ -194,7 +194,7 @@ def _discrete(pipe, net):
 def _build_sd(pipe, family, device, height, width, guidance):
     _no_guidance(guidance, family.label)
     f = _vae_factor(pipe)
-    height, width = _size(pipe, height, width, pipe.unet.config.sample_size * f, f)
+    height, width = _size(height, width, pipe.unet.config.sample_size * f, f)
     _check_channels(pipe, pipe.unet.config.in_channels, family.label)
 
     def encode(prompts):
@@ -208,7 +208,7 @@ def _build_sd(pipe, family, device, height, width, guidance):
 def _build_sdxl(pipe, family, device, height, width, guidance):
     _no_guidance(guidance, family.label)
     f = _vae_factor(pipe)
-    height, width = _size(pipe, height, width, pipe.unet.config.sample_size * f, f)
+    height, width = _size(height, width, pipe.unet.config.sample_size * f, f)
     _check_channels(pipe, pipe.unet.config.in_channels, family.label)
     projection = pipe.text_encoder_2.config.projection_dim
 
@@ -235,7 +235,7 @@ def _build_sdxl(pipe, family, device, height, width, guidance):
 def _build_sd3(pipe, family, device, height, width, guidance):
     _no_guidance(guidance, family.label)
     f, cfg = _vae_factor(pipe), pipe.transformer.config
-    height, width = _size(pipe, height, width, cfg.sample_size * f, f * cfg.patch_size)
+    height, width = _size(height, width, cfg.sample_size * f, f * cfg.patch_size)
     _check_channels(pipe, cfg.in_channels, family.label)
     t5_tokens = _max_tokens(pipe.tokenizer_3, 256) if pipe.tokenizer_3 is not None else 256
 
@@ -254,7 +254,7 @@ def _build_flux(pipe, family, device, height, width, guidance):
     import numpy as np
 
     f, cfg = _vae_factor(pipe), pipe.transformer.config
-    height, width = _size(pipe, height, width, 128 * f, 2 * f)      # FluxPipeline.default_sample_size = 128
+    height, width = _size(height, width, 128 * f, 2 * f)      # FluxPipeline.default_sample_size = 128
     _check_channels(pipe, cfg.in_channels // 4, family.label)
     if cfg.guidance_embeds:
         guidance = 3.5 if guidance is None else float(guidance)      # FluxPipeline's default guidance_scale
