@@ -122,3 +122,18 @@ def test_a_row_slice_lora_changes_only_its_rows_and_saves_under_its_own_key():
 def test_every_family_separates_attention_from_what_is_never_trained():
     for family in FAMILIES:
         assert family.attention and family.feed_forward and family.never and family.detect
+
+
+def test_families_are_told_apart_by_their_own_layer_names():
+    hidream = tree(["x_embedder.proj", "double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.attn1.to_k",
+                    "double_stream_blocks.0.block.attn1.to_q_t", "double_stream_blocks.0.block.ff_i.w1",
+                    "double_stream_blocks.0.block.adaLN_modulation.1"])
+    assert family_of(hidream).name == "HiDream"             # attn1.to_q alone does not make a UNet
+    assert chosen(hidream, "attention") == ["double_stream_blocks.0.block.attn1.to_k",
+                                            "double_stream_blocks.0.block.attn1.to_q",
+                                            "double_stream_blocks.0.block.attn1.to_q_t"]
+    sd3_diffusers = tree(["pos_embed.proj", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj",
+                          "transformer_blocks.0.ff.net.2", "transformer_blocks.0.norm1.linear", "proj_out"])
+    assert family_of(sd3_diffusers).name.startswith("joint-attention")
+    assert chosen(sd3_diffusers, "all") == ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_q",
+                                            "transformer_blocks.0.ff.net.2"]

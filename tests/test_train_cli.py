@@ -2,7 +2,6 @@
 CLIP text encoder, a character-level CLIP tokenizer, DDPM scheduler; no downloads)."""
 import json
 
-import pytest
 import torch
 
 from rewardlab.cli import build_parser
@@ -70,10 +69,3 @@ def test_train_command_on_a_diffusers_folder(tmp_path, capsys):
     assert "resumed" in capsys.readouterr().out
     assert ckpt.load_checkpoint(str(lora))[1]["step"] == 4
 
-
-def test_sdxl_folders_are_refused_with_a_pointer_to_comfyui(tmp_path):
-    from rewardlab.training.bundle import diffusers_bundle
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2"):
-        (tmp_path / sub).mkdir()
-    with pytest.raises(ValueError, match="ComfyUI"):
-        diffusers_bundle(str(tmp_path))

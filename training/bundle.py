@@ -3,8 +3,8 @@
 A bundle knows how to turn prompts into a guided denoiser (CFG inside), decode latents into images in [0, 1],
 which sigma schedule to use, and where to put LoRA adapters. The trainer runs every trajectory itself through the
 core runner (``samplers.sample``). The trainer never touches a
-UNet, a VAE or a text encoder directly, so the same loop runs on the embedded tiny model, a diffusers model
-directory and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
+UNet, a VAE or a text encoder directly, so the same loop runs on the embedded tiny model, a diffusers pipeline
+folder (training/pipelines.py) and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
 """
 import torch
 
@@ -58,13 +58,15 @@ class TorchBundle(ModelBundle):
     decode:       latents -> images in [0, 1]
     model_sigmas: the σ table of a discrete model (None for flow models, which pass ``flow_shift``)
     lora_root:    the module whose Linear/Conv2d layers get adapters (default: ``model``)
-    lora_key:     module name -> file key prefix (default ``diffusion_model.<name>``; diffusers UNets use
-                  ``lora.kohya_key``, which ComfyUI maps onto its own module names for SD/SDXL)
+    lora_key:     module name -> file key prefix (default ``diffusion_model.<name>``; diffusers models use the
+                  key format ComfyUI maps for their family, training/pipelines.py)
     checkpoint_decode: recompute the decoder in backward instead of storing its activations
+    sigmas:       ``(steps, scheduler name) -> σ`` when the model brings its own schedule (diffusers flow pipelines)
+    uncond:       ``n -> conditioning`` of the unconditional branch (default: ``encode([""] * n)``)
     """
 
     def __init__(self, model, encode, decode, latent_shape, model_sigmas=None, flow_shift=None, lora_root=None,
-                 device=None, checkpoint_decode=False, lora_key=None):
+                 device=None, checkpoint_decode=False, lora_key=None, sigmas=None, uncond=None):
         self.model = model
         self._encode, self._decode = encode, decode
         self.latent_shape = tuple(latent_shape)
@@ -75,9 +77,12 @@ class TorchBundle(ModelBundle):
         self.checkpoint_decode = checkpoint_decode
         if lora_key is not None:
             self.lora_key = lora_key
+        self._sigmas, self._encode_uncond = sigmas, uncond
         self._uncond = {}
 
     def sigmas(self, steps, scheduler):
+        if self._sigmas is not None:
+            return self._sigmas(steps, scheduler)
         return sigma_schedule(scheduler, steps, self.model_sigmas, self.flow_shift if self.flow else None)
 
     def encode(self, prompts):
@@ -86,7 +91,11 @@ class TorchBundle(ModelBundle):
 
     def uncond(self, n):
         if n not in self._uncond:      # the empty prompt's conditioning is constant: encode it once per batch size
-            self._uncond[n] = self.encode([""] * n)
+            if self._encode_uncond is None:
+                self._uncond[n] = self.encode([""] * n)
+            else:
+                with torch.no_grad():
+                    self._uncond[n] = self._encode_uncond(n)
         return self._uncond[n]
 
     def compile_prefix(self, backend="inductor"):
@@ -145,47 +154,3 @@ def tiny_bundle(model=None, device="cpu"):
     shape = (3, m.image_size, m.image_size)          # pixel space: the "latent" is the RGB image in [-1, 1]
     return TorchBundle(denoiser, m.encode, m.decode, shape, model_sigmas=m.model_sigmas, lora_root=m.unet,
                        device=device)
-
-
-def diffusers_bundle(path, device="cpu", dtype=torch.float32, height=None, width=None, checkpoint_decode=True):
-    """A Stable Diffusion 1.x/2.x diffusers model directory (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    as a bundle. ε and v prediction come from the scheduler config; the latent size from height/width."""
-    import os
-
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from ..samplers import DiscreteDenoiser
-
-    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise ValueError(f"{path!r} is not a diffusers Stable Diffusion folder: '{sub}/' is missing")
-    if os.path.isdir(os.path.join(path, "text_encoder_2")):
-        raise ValueError("SDXL diffusers folders are not supported by `rewardlab train`; train SDXL in ComfyUI "
-                         "with the DRaFT Train LoRA node (pooled and size conditioning come from ComfyUI)")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype).to(device).eval()
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype).to(device).eval()
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    for m in (unet, vae, text):
-        m.requires_grad_(False)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    height = height or unet.config.sample_size * factor
-    width = width or unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor} for this VAE, got {width}x{height}")
-
-    def encode(prompts):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
-        return {"encoder_hidden_states": text(ids)[0]}
-
-    def decode(z):
-        img = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (img.float() / 2 + 0.5).clamp(0, 1)
-
-    den = DiscreteDenoiser.from_scheduler(unet, sched).to(device)
-    shape = (unet.config.in_channels, height // factor, width // factor)
-    return TorchBundle(den, encode, decode, shape, model_sigmas=den.model_sigmas.cpu(), lora_root=unet, device=device,
-                       checkpoint_decode=checkpoint_decode, lora_key=lora_mod.kohya_key)

@@ -2,12 +2,20 @@
 
     rewardlab train --reward colourfulness --train-steps 200          # the embedded tiny model
     rewardlab train --model ./sd15-diffusers --reward hps-v2.1 --prompts prompts.txt --width 512 --height 512
+    rewardlab train --model ./FLUX.1-dev --guidance 3.5 --steps 20 --width 1024 --height 1024 ...
     torchrun --nproc_per_node 4 "$(which rewardlab)" train --model ...   # data parallel (one process per GPU)
 
-Writes <out>/<name>.safetensors (ComfyUI LoRA keys) + <name>.state.pt, <name>_curve.png, <name>_before.png,
-<name>_after.png and <name>_log.json.
+--model takes a diffusers pipeline folder: Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux, recognised by the
+``_class_name`` in its model_index.json (training/pipelines.py). Steps, CFG and the schedule default to the
+pipeline's own; Flux-dev-like models take the distilled --guidance and train without a CFG batch at --cfg 1.
+
+Writes <out>/<name>.safetensors (LoRA keys ComfyUI's LoraLoader maps for the family) + <name>.state.pt,
+<name>_curve.png, <name>_before.png, <name>_after.png and <name>_log.json. Under torchrun every rank trains on its
+own micro-batches with gradients averaged; only rank 0 prints, writes and plots, and the logged reward and loss are
+the means over ranks. --resume under torchrun: every rank loads the checkpoint rank 0 wrote.
 """
 import argparse
+import atexit
 import json
 import os
 import time
@@ -28,18 +36,23 @@ TINY_HELDOUT = ["a red triangle on a white background", "a green cross on a blac
 
 def add_train_command(subparsers):
     """Register `train` on an argparse subparsers object (rewardlab/cli.py calls this)."""
-    p = subparsers.add_parser("train", help="DRaFT-train a reward LoRA (tiny model or a diffusers SD folder)",
+    p = subparsers.add_parser("train", help="DRaFT-train a reward LoRA (tiny model, or a diffusers SD/SDXL/SD3/Flux "
+                              "folder)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="diffusers Stable Diffusion 1.x/2.x folder (default: embedded tiny)")
+    p.add_argument("--model", default=None, help="diffusers pipeline folder: SD 1.x/2.x, SDXL, SD3 or Flux "
+                   "(default: the embedded tiny model)")
     p.add_argument("--reward", default="colourfulness", help="reward name (rewardlab rewards list)")
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (default: tiny captions)")
     p.add_argument("--heldout", default=None, help="text file of held-out prompts")
     p.add_argument("--sampler", default="euler", help="step function (euler, ddim, euler_ancestral, dpmpp_2m)")
-    p.add_argument("--scheduler", default=None, help="sigma schedule (default: leading for SD, simple for tiny)")
+    p.add_argument("--scheduler", default=None, help="sigma schedule (default: leading for SD/SDXL, simple for tiny; "
+                   "SD3/Flux use their pipeline's flow-matching schedule)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="distilled guidance of guidance-embedded models "
+                   "(Flux-dev; default 3.5), given to the model instead of a CFG batch")
     add_cli_arguments(p)          # the DRaFT settings, from the table the node shares (training/options.py)
-    p.set_defaults(steps=None, cfg=None)      # per model: 50 steps / cfg 7.5 for SD, 8 / 3 for the tiny model
+    p.set_defaults(steps=None, cfg=None)      # per model: the pipeline's defaults, 8 steps / cfg 3 for the tiny model
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--out", default="rewardlab_train", help="output folder")
     p.add_argument("--name", default="draft_lora", help="LoRA file name (no folders)")
@@ -66,6 +79,7 @@ def _init_distributed(device):
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend)
+        atexit.register(_destroy_process_group)
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -73,29 +87,57 @@ def _init_distributed(device):
     return device
 
 
+def _destroy_process_group():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _is_main():
+    """Rank 0 of a torchrun job, or a plain process: the one that prints and writes files."""
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+def _barrier():
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+
+
+TINY_DEFAULTS = {"steps": 8, "cfg": 3.0, "scheduler": "simple"}
+
+
 def build(args):
     """(bundle, config, prompts, heldout) from parsed arguments."""
-    from .bundle import diffusers_bundle, tiny_bundle
+    from .bundle import tiny_bundle
+    from .pipelines import diffusers_bundle
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = _init_distributed(device)
     tiny = args.model is None
     if tiny:
-        bundle = tiny_bundle(device=device)
+        if args.guidance is not None:
+            raise ValueError("--guidance applies to guidance-distilled diffusers models (Flux-dev); the tiny model "
+                             "uses --cfg")
+        bundle, defaults = tiny_bundle(device=device), TINY_DEFAULTS
     else:
-        bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width)
+        bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width,
+                                  guidance=args.guidance)
+        defaults = bundle.defaults
     values = cli_values(args)
-    values["steps"] = args.steps or (8 if tiny else 50)
-    values["cfg"] = args.cfg if args.cfg is not None else (3.0 if tiny else 7.5)
-    config = config_from_options(values, sampler=args.sampler,
-                                 scheduler=args.scheduler or ("simple" if tiny else "leading"))
+    values["steps"] = args.steps or defaults["steps"]
+    values["cfg"] = args.cfg if args.cfg is not None else defaults["cfg"]
+    config = config_from_options(values, sampler=args.sampler, scheduler=args.scheduler or defaults["scheduler"])
     prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"])
     heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [])
     return bundle, config, prompts, heldout
 
 
 def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume=False, log=print):
-    """Train, write the files, return a summary dict (rewards before/after, paths)."""
+    """Train, write the files, return a summary dict (rewards before/after, paths). Under torchrun only rank 0
+    logs and writes; every rank returns once the files are written."""
+    if not _is_main():
+        log = _quiet
     lora_path = safe_output_path("", name, ".safetensors", root=out)
     stem = os.path.splitext(lora_path)[0]
     trainer = Trainer(bundle, reward, config, prompts=prompts, heldout=heldout, lora_path=lora_path,
@@ -119,7 +161,7 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
     after_imgs, after_r = trainer.sample_images(shown, seed=config.seed)
     summary = {"reward_before": float(before_r.mean()), "reward_after": float(after_r.mean()),
                "steps": result.step, "status": result.status, "train_seconds": seconds, "lora": lora_path}
-    if trainer.rank == 0:
+    if trainer.is_main:
         save_png(before_imgs, stem + "_before.png", columns=config.batch_size)
         save_png(after_imgs, stem + "_after.png", columns=config.batch_size)
         save_image(training_curve(result.log, f"{config.method} on {getattr(reward, 'name', 'reward')}"),
@@ -127,7 +169,12 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
         with open(stem + "_log.json", "w", encoding="utf-8") as f:
             json.dump({"summary": summary, "config": vars_of(config), "log": result.log}, f, indent=1)
         summary.update(before=stem + "_before.png", after=stem + "_after.png", curve=stem + "_curve.png")
+    _barrier()
     return summary
+
+
+def _quiet(*_):
+    pass
 
 
 def vars_of(config):
@@ -141,8 +188,9 @@ def run_train(args):
     bundle, config, prompts, heldout = build(args)
     reward = load_reward(args.reward, device=bundle.device)
     summary = train_and_report(bundle, config, reward, prompts, heldout, args.out, args.name, args.resume)
-    print(f"reward before {summary['reward_before']:.4f}  after {summary['reward_after']:.4f}  "
-          f"({summary['steps']} steps, {summary['train_seconds']:.0f}s); LoRA: {summary['lora']}")
+    if _is_main():
+        print(f"reward before {summary['reward_before']:.4f}  after {summary['reward_after']:.4f}  "
+              f"({summary['steps']} steps, {summary['train_seconds']:.0f}s); LoRA: {summary['lora']}")
     return 0
 
 

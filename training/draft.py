@@ -270,8 +270,8 @@ class Trainer:
         self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
         self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
-        self.adapters = adapters if adapters is not None else bundle.add_lora(c.rank, c.alpha,
-                                                                              c.targets_regex or c.targets)
+        self.adapters = adapters if adapters is not None else self._seeded(
+            lambda: bundle.add_lora(c.rank, c.alpha, c.targets_regex or c.targets))
         self.params = lora_parameters(self.adapters)
         for p in self.params:
             p.requires_grad_(True)
@@ -282,6 +282,7 @@ class Trainer:
                 raise ValueError("compile_prefix needs a torch bundle (tiny / diffusers); turn it off for this host")
             bundle.compile_prefix(c.compile_prefix)
         self.rank, self.world = _dist()
+        self.is_main = self.rank == 0          # under torchrun only rank 0 logs, saves and plots
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
         use_amp = self.amp_dtype is not None and bundle.device.type == "cuda"
         self.amp_dtype = self.amp_dtype if use_amp else None
@@ -290,6 +291,17 @@ class Trainer:
         self.best_heldout, self.bad_evals, self.saved_step = None, 0, None
         self.last_images = None
         self._perms = {}
+
+    def _seeded(self, make):
+        """Run ``make`` (the LoRA init) with the global RNG seeded from config.seed and restored afterwards, so every
+        data-parallel rank, and every rerun, starts from the same adapters."""
+        cuda = torch.cuda.is_initialized()        # LoRA weights on a GPU imply an initialised CUDA
+        seed = derive_seed(self.cfg.seed, "lora-init")
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed_all(seed)
+            return make()
 
     # --- what a step draws -------------------------------------------------------------------------------------
 
@@ -428,9 +440,19 @@ class Trainer:
         self.step += 1
         def mean(key):
             return sum(i[key] for i in infos) / len(infos) if infos[0][key] is not None else None
-        return {"step": self.step, "loss": mean("loss"), "reward": mean("reward"), "kl": mean("kl"),
-                "grad_norm": float(norm), "k": infos[-1]["k"], "m": infos[-1]["m"],
-                "seconds": time.perf_counter() - t0}
+        return self._mean_over_ranks(
+            {"step": self.step, "loss": mean("loss"), "reward": mean("reward"), "kl": mean("kl"),
+             "grad_norm": float(norm), "k": infos[-1]["k"], "m": infos[-1]["m"], "seconds": time.perf_counter() - t0})
+
+    def _mean_over_ranks(self, record, keys=("loss", "reward", "kl")):
+        """The step record with its loss, reward and KL averaged over data-parallel ranks (one all-reduce), so the
+        log shows the whole global batch, as one process accumulating every rank's micro-batches would."""
+        present = [k for k in keys if record.get(k) is not None]
+        if self.world == 1 or not present:
+            return record
+        values = torch.tensor([record[k] for k in present], dtype=torch.float64, device=self.params[0].device)
+        torch.distributed.all_reduce(values)
+        return {**record, **{k: float(v) / self.world for k, v in zip(present, values.tolist())}}
 
     # --- evaluation --------------------------------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def _flux_qkv_rows(shape):
 
 # ComfyUI's own module names (and diffusers' for the UNet, which spell attention the same way).
 FAMILIES = (
-    Family("UNet (SD1.x, SD2.x, SDXL)", r"\.attn1\.to_q$",
+    Family("UNet (SD1.x, SD2.x, SDXL)", r"transformer_blocks\.\d+\.attn1\.to_q$",
            attention=r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", feed_forward=r"\.ff\.net\.(0\.proj|2)$",
            never=r"(^|\.)(time_embed|label_emb|time_embedding|add_embedding|emb_layers|time_emb_proj)(\.|$)"),
     Family("MMDiT (SD3, SD3.5)", r"^joint_blocks\.\d+\.x_block\.attn\.qkv$",
@@ -122,11 +122,15 @@ FAMILIES = (
            attention=r"^(layers|noise_refiner|context_refiner)\.\d+\.attention\.(qkv|out)$",
            feed_forward=r"^(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.w[123]$",
            never=r"^(x_embedder|t_embedder|cap_embedder|final_layer)|adaLN_modulation"),
-    Family("Qwen-Image", r"^transformer_blocks\.\d+\.attn\.add_q_proj$",
+    Family("joint-attention DiT (SD3 and Flux in diffusers names, Qwen-Image)",
+           r"^transformer_blocks\.\d+\.attn\.add_q_proj$",
            attention=r"^transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
-                     r"to_add_out)$",
-           feed_forward=r"^transformer_blocks\.\d+\.(img|txt)_mlp\.net\.(0\.proj|2)$",
-           never=r"^(img_in|txt_in|time_text_embed|norm_out|proj_out)|_mod\."),
+                     r"to_add_out)$|^single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)$",
+           # Flux single blocks: the MLP input and the fused attention-out + MLP-out projection count as feed-forward
+           feed_forward=r"^transformer_blocks\.\d+\.(ff|ff_context|img_mlp|txt_mlp)\.net\.(0\.proj|2)$|"
+                        r"^single_transformer_blocks\.\d+\.(proj_mlp|proj_out)$",
+           never=r"^(x_embedder|context_embedder|time_text_embed|pos_embed|norm_out|proj_out|img_in|txt_in)(\.|$)|"
+                 r"\.norm1(_context)?\.linear$|\.norm\.linear$|_mod\."),
     Family("HiDream", r"^double_stream_blocks\.\d+\.block\.attn1\.to_q$",
            attention=r"\.attn1\.(to_q|to_k|to_v|to_out)(_t)?$",
            feed_forward=r"\.ff_[it]\.(w[123]|shared_experts\.w[123]|experts\.\d+\.w[123])$",
