@@ -8,9 +8,10 @@ import json
 import os
 import sys
 
-from .convert import (CONTROL_VALUES, WorkflowError, combo_options, input_specs, is_api_format, is_editor_format,
-                      is_widget, link_rows, to_api, types_compatible, widget_slots)
+from .convert import (SUBGRAPH_INPUT, SUBGRAPH_OUTPUT, WorkflowError, is_api_format, is_editor_format,
+                      is_group_node_type, link_rows, to_api, types_compatible)
 from .stock_nodes import FILE_FOLDER, MODEL_EXTENSIONS, VIRTUAL_NODES, offline_object_info
+from .widgets import WidgetLayoutError, combo_options, input_specs, is_widget, read_widget_values
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOW_DIRS = ("workflows", "example_workflows")
@@ -102,33 +103,31 @@ def _check_link(prompt, info, where, name, typ, value):
 
 
 def validate_editor(workflow, info):
-    """Errors of an editor-format workflow: node types, exact widget layout, the link table, then the prompt
-    it converts to."""
+    """Errors of an editor-format workflow (subgraph definitions included): node types, widget values that fit
+    the editor's widget layout, the link tables, then the prompt it converts to."""
     errors = []
-    nodes = {str(n["id"]): n for n in workflow["nodes"]}
-    for nid, node in nodes.items():
-        kind = node.get("type")
-        where = f"node {nid} ({kind})"
-        if kind in VIRTUAL_NODES:
-            continue
-        if kind not in info:
-            errors.append(f"{where}: unknown node type")
-            continue
-        slots = widget_slots(info[kind])
-        values = node.get("widgets_values")
-        values = [] if values is None else values
-        if isinstance(values, list):
-            if len(values) != len(slots):
-                errors.append(f"{where}: {len(values)} widget values for {len(slots)} widgets "
-                              f"{[s[0] or s[1] for s in slots]}")
-            for (name, typ, _), value in zip(slots, values):
-                if name is None and typ == "control_after_generate" and value not in CONTROL_VALUES:
-                    errors.append(f"{where}: control_after_generate {value!r} not in {sorted(CONTROL_VALUES)}")
-        known = {name for name, _, _ in input_specs(info[kind])}
-        for inp in node.get("inputs") or []:
-            if inp.get("name") not in known:
-                errors.append(f"{where}: unknown input {inp.get('name')!r}")
-    errors += _check_link_table(workflow, nodes, info)
+    definitions = (workflow.get("definitions") or {}).get("subgraphs") or []
+    subgraph_ids = {d.get("id") for d in definitions}
+    graphs = [("", workflow)] + [(f"subgraph {d.get('name') or d.get('id')!r}: ", d) for d in definitions]
+    for prefix, graph in graphs:
+        nodes = {str(n["id"]): n for n in graph.get("nodes") or []}
+        for nid, node in nodes.items():
+            kind = node.get("type")
+            where = f"{prefix}node {nid} ({kind})"
+            if kind in VIRTUAL_NODES or kind in subgraph_ids or is_group_node_type(kind):
+                continue
+            if kind not in info:
+                errors.append(f"{where}: unknown node type")
+                continue
+            try:
+                read_widget_values(node.get("widgets_values"), info[kind], kind, where)
+            except WidgetLayoutError as e:
+                errors.append(str(e))
+            known = {name for name, _, _ in input_specs(info[kind])}
+            for inp in node.get("inputs") or []:
+                if inp.get("name") not in known:
+                    errors.append(f"{where}: unknown input {inp.get('name')!r}")
+        errors += _check_link_table(graph, nodes, info, prefix, inside_subgraph=graph is not workflow)
     if not errors:
         try:
             errors += validate_api(to_api(workflow, info), info)
@@ -137,10 +136,13 @@ def validate_editor(workflow, info):
     return errors
 
 
-def _check_link_table(workflow, nodes, info):
+def _check_link_table(graph, nodes, info, prefix="", inside_subgraph=False):
     errors = []
-    for lid, src, src_slot, dst, dst_slot, typ in link_rows(workflow):
-        where = f"link {lid}"
+    io_ids = {str(SUBGRAPH_INPUT), str(SUBGRAPH_OUTPUT)} if inside_subgraph else set()
+    for lid, src, src_slot, dst, dst_slot, typ in link_rows(graph):
+        where = f"{prefix}link {lid}"
+        if str(src) in io_ids or str(dst) in io_ids:
+            continue   # a subgraph's own input/output: checked where the subgraph node is used
         s, d = nodes.get(str(src)), nodes.get(str(dst))
         if s is None or d is None:
             errors.append(f"{where}: joins missing node {src if s is None else dst}")

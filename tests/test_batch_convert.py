@@ -9,8 +9,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # pytest runs with --import-mode=importlib
 from _batch_fixtures import object_info, txt2img_api
-from rewardlab.batch.convert import (WorkflowError, dynamic_prompt, is_api_format, is_editor_format, load_workflow,
-                                     to_api, widget_slots)
+from rewardlab.batch.convert import WorkflowError, is_api_format, is_editor_format, load_workflow, to_api
+from rewardlab.batch.text import dynamic_prompt, format_date, replace_text
+from rewardlab.batch.widgets import read_widget_values, widget_layout
 
 
 def node(nid, kind, inputs=(), outputs=(), widgets=None, mode=0, title=None):
@@ -90,13 +91,37 @@ def test_editor_graph_converts_like_graph_to_prompt():
     assert to_api(wf, object_info()) == EXPECTED
 
 
-def test_widget_layout_includes_ui_only_widgets():
+def names(info, class_type=None):
+    return [w.name for w in widget_layout(info, class_type) if w.saved]
+
+
+# Specs as ComfyUI v0.3.64's /object_info reports them (LoadImageMask, a remote combo as LoadImageOutput has).
+LOAD_IMAGE_MASK = {"input": {"required": {"image": [[], {"image_upload": True}],
+                                          "channel": [["alpha", "red", "green", "blue"]]}},
+                   "input_order": {"required": ["image", "channel"]}}
+LOAD_IMAGE_OUTPUT = {"input": {"required": {"image": ["COMBO", {"image_upload": True, "remote": {
+    "route": "/internal/files/output", "refresh_button": True}}]}}, "input_order": {"required": ["image"]}}
+
+
+def test_widget_layout_follows_the_frontend():
     info = object_info()
-    assert [s[0] for s in widget_slots(info["KSampler"])] == [
-        "seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"]
-    assert [s[0] for s in widget_slots(info["RandomNoise"])] == ["noise_seed", None]
-    assert [s[0] for s in widget_slots(info["LoadImage"])] == ["image", None]  # the upload button takes a slot
-    assert [s[0] for s in widget_slots(info["KSamplerAdvanced"])][:4] == ["add_noise", "noise_seed", None, "steps"]
+    assert names(info["KSampler"]) == ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler",
+                                       "denoise"]
+    assert names(info["RandomNoise"]) == ["noise_seed", "control_after_generate"]
+    assert names(info["LoadImage"], "LoadImage") == ["image", "upload"]
+    assert names(info["KSamplerAdvanced"])[:4] == ["add_noise", "noise_seed", "control_after_generate", "steps"]
+    # the upload button comes after every input the input order names (uploadImage.ts adds it to the end)
+    assert names(LOAD_IMAGE_MASK, "LoadImageMask") == ["image", "channel", "upload"]
+    assert names(LOAD_IMAGE_OUTPUT, "LoadImageOutput") == ["image", "Auto-refresh after generation", "refresh",
+                                                           "upload"]
+    # Load3D: its extension's buttons sit between model_file and the viewer
+    load3d = {"input": {"required": {"model_file": [[], {"file_upload": True}], "image": ["LOAD_3D", {}],
+                                     "width": ["INT", {"default": 1024}], "height": ["INT", {"default": 1024}]}}}
+    assert names(load3d, "Load3D") == ["model_file", "upload 3d model", "upload extra resources", "clear", "image",
+                                       "width", "height"]
+    # an INT named seed gets no control widget when its spec says so
+    no_control = {"input": {"required": {"seed": ["INT", {"control_after_generate": False}]}}}
+    assert names(no_control) == ["seed"]
     wf = {"nodes": [node(1, "LoadImage", outputs=[("IMAGE", "IMAGE", [1]), ("MASK", "MASK", None)],
                          widgets=["example.png", "image"]),
                     node(2, "PreviewImage", inputs=[("images", "IMAGE", 1)])],
@@ -104,16 +129,59 @@ def test_widget_layout_includes_ui_only_widgets():
     assert to_api(wf, info)["1"]["inputs"] == {"image": "example.png"}
 
 
-def test_missing_widget_values_take_defaults_and_dict_values_work():
+def test_values_that_do_not_fit_are_refused_never_shifted():
+    """The old converter's LoadImageMask mistake (upload counted after image) and a wrong count are refused with
+    the node, the expected widget order and the saved values."""
+    values = read_widget_values(["example.png", "alpha", "image"], LOAD_IMAGE_MASK, "LoadImageMask", "node 3")
+    assert values == {"image": "example.png", "channel": "alpha"}
     info = object_info()
     wf = {"nodes": [node(1, "EmptyLatentImage", outputs=[("LATENT", "LATENT", [])], widgets=[256]),
+                    node(2, "SaveImage", inputs=[("images", "IMAGE", None)], widgets=["x"])], "links": []}
+    with pytest.raises(WorkflowError) as e:
+        to_api(wf, info)
+    assert "node 1 (EmptyLatentImage): 1 saved widget values for 3 widgets" in str(e.value)
+    assert "['width', 'height', 'batch_size']" in str(e.value) and "[256]" in str(e.value)
+    sampler = {"nodes": [node(3, "KSampler", widgets=[5, 20, 7.0, "euler", "normal", 1.0, "fixed"])], "links": []}
+    with pytest.raises(WorkflowError, match="20 is not a control_after_generate mode"):
+        to_api(sampler, info)
+    with pytest.raises(Exception, match="not an integer"):
+        read_widget_values(["a.png", "x"], {"input": {"required": {"image": [[], {}], "n": ["INT", {}]}}},
+                           None, "node 1")
+
+
+def test_missing_values_take_defaults_only_when_none_were_saved_and_dict_values_work():
+    info = object_info()
+    wf = {"nodes": [node(1, "EmptyLatentImage", outputs=[("LATENT", "LATENT", [])], widgets=[]),
                     node(2, "SaveImage", inputs=[("images", "IMAGE", None)]),
                     node(3, "EmptyLatentImage", outputs=[("LATENT", "LATENT", [])],
                          widgets={"width": 128, "height": 96})], "links": []}
     api = to_api(wf, info)
-    assert api["1"]["inputs"] == {"width": 256, "height": 512, "batch_size": 1}
+    assert api["1"]["inputs"] == {"width": 512, "height": 512, "batch_size": 1}
     assert api["2"]["inputs"] == {"filename_prefix": "ComfyUI"}
-    assert api["3"]["inputs"] == {"width": 128, "height": 96, "batch_size": 1}
+    assert api["3"]["inputs"] == {"width": 128, "height": 96}
+
+
+def test_values_saved_by_widget_index_with_holes_are_read():
+    """The editor writes widgets_values by widget index, leaving null where an unsaved widget sits (LoadAudio's
+    player between the file and the upload button)."""
+    load_audio = {"input": {"required": {"audio": [["a.wav"], {"audio_upload": True}]}},
+                  "input_order": {"required": ["audio"]}}
+    assert [(w.name, w.saved) for w in widget_layout(load_audio, "LoadAudio")] == [
+        ("audio", True), ("audioUI", False), ("upload", True)]
+    assert read_widget_values(["a.wav", None, ""], load_audio, "LoadAudio", "node 1") == {"audio": "a.wav"}
+    assert read_widget_values(["a.wav", ""], load_audio, "LoadAudio", "node 1") == {"audio": "a.wav"}
+
+
+def test_text_replacement_rules():
+    now = __import__("datetime").datetime(2024, 3, 9, 7, 5, 1)
+    assert format_date("yyyy-MM-dd hh:mm:ss", now) == "2024-03-09 07:05:01"
+    assert format_date("yy M d h m s", now) == "24 3 9 7 5 1"
+    lookup = {("KSampler", "seed"): 12, ("Pos", "text"): 'a/b:c"d'}.get
+    find = lambda node, widget: lookup((node, widget))
+    assert replace_text("%date:yyyy%/%KSampler.seed%_%Pos.text%", find, now) == "2024/12_a_b_c_d"
+    # as in the editor: one '.' makes a node lookup, more cut the format at the first '.'
+    assert replace_text("%width%x%height% %Nope.x% %date:yyyy.MM% %date:yyyy.MM.dd%", find, now) == \
+        "%width%x%height% %Nope.x% %date:yyyy.MM% 2024"
 
 
 def test_bypass_passes_the_first_input_of_the_wanted_type():

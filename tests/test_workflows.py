@@ -86,8 +86,8 @@ def test_validator_catches_mistakes(info):
         return "\n".join(validate_workflow(bad, info))
 
     ks = next(str(n["id"]) for n in editor["nodes"] if n["type"] == "KSampler")
-    assert "6 widget values for 7 widgets" in editor_errors(lambda n, w: n[ks]["widgets_values"].pop())
-    assert "control_after_generate 'sometimes'" in editor_errors(
+    assert "6 saved widget values for 7 widgets" in editor_errors(lambda n, w: n[ks]["widgets_values"].pop())
+    assert "'sometimes' is not a control_after_generate mode" in editor_errors(
         lambda n, w: n[ks]["widgets_values"].__setitem__(1, "sometimes"))
     assert "into MODEL input" in editor_errors(lambda n, w: w["links"].__setitem__(
         3, [4, 1, 1, int(ks), 0, "CLIP"]) or n["1"]["outputs"][1]["links"].append(4))

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from rewardlab.batch.convert import default_value, input_specs, is_widget, widget_slots
+from rewardlab.batch.widgets import default_value, input_specs, is_widget, saved_widgets, ui_default
 from rewardlab.batch.stock_nodes import offline_object_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ class Graph:
         outputs = [{"name": spec["output_name"][i], "type": t, "links": outgoing.get((node.id, i), []),
                     "slot_index": i} for i, t in enumerate(spec["output"])]
         values = self.values(node, info)
-        widgets = [values[name] if name else _ui_widget_value(kind) for name, kind, _ in widget_slots(spec)]
+        widgets = [values[w.input] if w.sent else ui_default(w) for w in saved_widgets(spec, node.class_type)]
         out = {"id": node.id, "type": node.class_type, "pos": pos, "size": _size(len(widgets), inputs, outputs),
                "flags": {}, "order": order, "mode": node.mode, "inputs": inputs, "outputs": outputs,
                "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
@@ -160,8 +160,8 @@ class Graph:
     def _primitive_node(self, prim, info, pos, outgoing):
         node, name = prim.targets[0]
         typ, opts = next((t, o) for n, t, o in input_specs(info[node.class_type]) if n == name)
-        slots = [s for s in widget_slots(info[node.class_type])]
-        has_control = any(s[0] is None and slots[i - 1][0] == name for i, s in enumerate(slots) if i)
+        slots = saved_widgets(info[node.class_type], node.class_type)
+        has_control = any(w.kind == "control" and slots[i - 1].input == name for i, w in enumerate(slots) if i)
         kind = "COMBO" if isinstance(typ, list) else typ
         return {"id": prim.id, "type": "PrimitiveNode", "pos": pos, "size": [400, 160 if kind == "STRING" else 82],
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [],
@@ -223,10 +223,6 @@ class Graph:
         return {"title": title, "bounding": [min(xs) - 20, min(ys) - 50, max(xs) - min(xs) + 380,
                                              max(ys) - min(ys) + 290],
                 "color": "#3f789e", "font_size": 24, "flags": {}}
-
-
-def _ui_widget_value(kind):
-    return {"control_after_generate": "fixed", "control_filter_list": "", "upload": "image"}[kind]
 
 
 def _size(n_widgets, inputs, outputs):
