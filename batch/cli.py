@@ -1,27 +1,34 @@
-"""``rewardlab run WORKFLOW --server URL ...``: batch-run a saved workflow on a ComfyUI server."""
+"""``rewardlab run WORKFLOW --server URL ...``: batch-run a saved workflow on one or more ComfyUI servers."""
 import argparse
 import asyncio
 import json
 import os
 import sys
+import time
 
 import aiohttp
 
-from .client import ComfyClient, RetryPolicy, ServerUnavailable
-from .convert import WorkflowError, is_api_format, load_workflow, to_api
-from .runner import BatchRunner
+from .client import ComfyClient, ServerUnavailable
+from .convert import WorkflowError, convert, is_api_format, load_workflow
+from .runner import SERVER_RETRY, BatchRunner, parse_servers
 from .sweep import SweepError, expand_runs, parse_assignment, read_runs_file
 
 EPILOG = """examples:
   rewardlab run workflow.json --server http://127.0.0.1:8188 --set 3.seed=1..8 --set "KSampler.cfg=[3,5,7]"
   rewardlab run wf.json --server URL --set 'Positive.text=["a cat","a dog"]' --set seed=1..2 --zip
-  rewardlab run wf.json --server URL --runs runs.csv --concurrency 4 --out out/ --score brightness
+  rewardlab run wf.json --server http://gpu1:8188 --server http://gpu2:8188 --runs runs.csv --out out/
+  rewardlab run wf.json --server servers.txt --score brightness      (servers.txt: one 'URL [CONCURRENCY]' a line)
 TARGET is NODE.input (NODE = node id or title) or a bare input name; VALUES is a value, a range a..b[:step]
-or a JSON list. A rerun with the same --out skips runs that already finished."""
+or a JSON list. Runs go to whichever server has room; a server that stops answering hands its runs to the
+others. A rerun with the same --out skips runs that already finished."""
+
+
+class ArgumentProblem(ValueError):
+    """A command-line argument that cannot work; the message is one line and names the fix."""
 
 
 def add_run_subcommand(subparsers):
-    p = subparsers.add_parser("run", help="batch-run a saved ComfyUI workflow on a server (sweeps, resume)",
+    p = subparsers.add_parser("run", help="batch-run a saved ComfyUI workflow on servers (sweeps, resume)",
                               description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.set_defaults(func=run_command)
@@ -39,7 +46,9 @@ def run_command(args):
 
 def add_run_arguments(p):
     p.add_argument("workflow", help="workflow file: editor JSON, API JSON, or a ComfyUI PNG")
-    p.add_argument("--server", required=True, help="ComfyUI server URL, e.g. http://127.0.0.1:8188")
+    p.add_argument("--server", action="append", required=True, metavar="URL|FILE",
+                   help="ComfyUI server URL, e.g. http://127.0.0.1:8188 (repeatable), or a file with one "
+                        "'URL [CONCURRENCY]' per line")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="TARGET=VALUES",
                    help="set an input; a range or list makes a sweep axis (repeatable)")
     p.add_argument("--sweep", dest="assignments", action="append", metavar="TARGET=VALUES",
@@ -50,36 +59,87 @@ def add_run_arguments(p):
                       help="all combinations of the sweep axes (default)")
     mode.add_argument("--zip", dest="mode", action="store_const", const="zip", help="pair the axes element-wise")
     p.set_defaults(mode="product")
-    p.add_argument("--concurrency", type=int, default=2, help="prompts queued on the server at once (default 2)")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="prompts queued on each server at once, for servers given without one (default 2)")
     p.add_argument("--out", default="rewardlab_batch", help="output folder: images, manifest.jsonl, report")
     p.add_argument("--score", metavar="REWARD", help="rank the output images with this reward model (e.g. "
                    "brightness, aesthetic-v2) and write report.html")
     p.add_argument("--reward-folder", help="folder with reward weights for --score (also $REWARDLAB_MODELS)")
-    p.add_argument("--retries", type=int, default=10, help="tries per request while the server is down")
+    p.add_argument("--give-up", type=float, default=120.0, metavar="SECONDS",
+                   help="end the batch when no server has answered for this long (default 120)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default: no limit)")
     p.add_argument("--poll", type=float, default=2.0, help="seconds between /history checks (websocket backup)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (parameters and keys) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-async def fetch_object_info(server, retry):
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        return await ComfyClient(server, session, "rewardlab-info", retry).object_info()
+def validate_run_arguments(args):
+    """Check what can be checked before anything is queued; returns the parsed server list. Raises
+    ArgumentProblem (one line, exit status 2)."""
+    checks = [("--concurrency", args.concurrency, 1), ("--give-up", args.give_up, 0.1), ("--poll", args.poll, 0.01)]
+    if args.timeout is not None:
+        checks.append(("--timeout", args.timeout, 0.1))
+    for flag, value, least in checks:
+        if value < least:
+            raise ArgumentProblem(f"{flag} must be at least {least:g}, got {value:g}")
+    for flag, path in (("workflow", args.workflow), ("--runs", args.runs)):
+        if path and not os.path.isfile(path):
+            raise ArgumentProblem(f"{flag}: no such file {path!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ArgumentProblem(f"--out {args.out!r} is a file; give a folder")
+    if args.reward_folder and not os.path.isdir(args.reward_folder):
+        raise ArgumentProblem(f"--reward-folder: no such folder {args.reward_folder!r}")
+    if args.score:
+        check_reward(args.score, args.reward_folder)
+    try:
+        return parse_servers(args.server, args.concurrency)
+    except ValueError as e:
+        raise ArgumentProblem(f"--server: {e}") from None
+
+
+def check_reward(name, folder):
+    """The reward for --score exists and its weight files are found (nothing is loaded)."""
+    from ..rewards.registry import get_spec, resolve_files
+
+    try:
+        get_spec(name)
+        resolve_files(name, folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise ArgumentProblem(f"--score: {e}") from None
+
+
+async def fetch_object_info(servers, give_up):
+    """/object_info of the first server that answers, trying them in turn until ``give_up`` seconds pass."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=120)
+    deadline = time.monotonic() + give_up
+    errors = {}
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            for spec in servers:
+                try:
+                    return await ComfyClient(spec.url, session, "rewardlab-info", SERVER_RETRY).object_info()
+                except ServerUnavailable as e:
+                    errors[spec.url] = str(e)
+            if time.monotonic() >= deadline:
+                raise ServerUnavailable(f"no server answered within {give_up:g}s: "
+                                        + "; ".join(f"{url}: {err}" for url, err in errors.items()))
+            await asyncio.sleep(1.0)
 
 
 def prepare_runs(args, workflow, object_info):
-    prompt = to_api(workflow, object_info)
+    """(runs, conversion): the expanded sweep and the conversion (text replacements wait for submission)."""
+    conversion = convert(workflow, object_info)
     assignments = [parse_assignment(a) for a in args.assignments or []]
     rows = read_runs_file(args.runs) if args.runs else None
-    return expand_runs(prompt, assignments, rows, args.mode, object_info)
+    return expand_runs(conversion.prompt, assignments, rows, args.mode, object_info), conversion
 
 
 def run_main(args):
     """Entry of ``rewardlab run``; returns the exit status (0 all runs succeeded, 1 some failed, 2 bad input
-    or unreachable server, 130 interrupted)."""
+    or no server answered, 130 interrupted)."""
     try:
         return _run(args)
-    except (WorkflowError, SweepError, ServerUnavailable, OSError) as e:
+    except (ArgumentProblem, WorkflowError, SweepError, ServerUnavailable, OSError) as e:
         print(f"rewardlab run: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -88,22 +148,31 @@ def run_main(args):
 
 
 def _run(args):
-    retry = RetryPolicy(attempts=max(1, args.retries))
+    servers = validate_run_arguments(args)
     workflow = load_workflow(args.workflow)
     object_info = None
     if not (args.dry_run and is_api_format(workflow)):
-        object_info = asyncio.run(fetch_object_info(args.server, retry))
-    runs = prepare_runs(args, workflow, object_info)
+        object_info = asyncio.run(fetch_object_info(servers, args.give_up))
+    runs, conversion = prepare_runs(args, workflow, object_info)
     if args.dry_run:
         for run in runs:
             print(run.key, json.dumps(run.params))
         return 0
-    runner = BatchRunner(args.server, args.out, concurrency=args.concurrency, retry=retry,
-                         poll_interval=args.poll, run_timeout=args.timeout,
-                         progress=False if args.no_progress else None)
+    needed = {n["class_type"] for run in runs for n in run.prompt.values()}
+    runner = BatchRunner(servers, args.out, give_up=args.give_up, poll_interval=args.poll, run_timeout=args.timeout,
+                         progress=False if args.no_progress else None, finalize=conversion.final,
+                         required_nodes=needed)
     records = asyncio.run(runner.run(runs))
     ok = sum(r["status"] == "success" for r in records)
-    print(f"{ok}/{len(records)} runs succeeded; manifest: {runner.manifest.path}")
+    per_server = {}
+    for r in records:
+        if r.get("server"):
+            per_server[r["server"]] = per_server.get(r["server"], 0) + (r["status"] == "success")
+    where = ", ".join(f"{url} {n}" for url, n in per_server.items())
+    print(f"{ok}/{len(records)} runs succeeded{f' ({where})' if len(servers) > 1 else ''}; "
+          f"manifest: {runner.manifest.path}")
+    if runner.gave_up:
+        print(f"rewardlab run: gave up: {runner.gave_up}", file=sys.stderr)
     if args.score:
         from .report import score_records, write_report
 
@@ -112,6 +181,8 @@ def _run(args):
         if scored:
             print(f"best {args.score} = {scored[0]['score']:.4f}: {scored[0]['path']} {json.dumps(scored[0]['params'])}")
         print(f"report: {path}")
+    if runner.gave_up:
+        return 2
     return 0 if ok == len(records) else 1
 
 

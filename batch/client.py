@@ -1,7 +1,7 @@
 """A small asyncio client for ComfyUI's HTTP + websocket API (``server.py``), with retries.
 
 Every request is retried with exponential backoff while the server is unreachable or answers 5xx (a restart),
-up to ``RetryPolicy.attempts``. The websocket (``/ws?clientId=``) reconnects the same way; since messages sent
+up to ``RetryPolicy.attempts`` (the batch runner keeps this short and waits for servers itself). The websocket (``/ws?clientId=``) reconnects the same way; since messages sent
 while it was down are lost, callers re-check ``/history`` and ``/queue`` after each reconnect.
 """
 import asyncio
@@ -118,8 +118,8 @@ class ComfyClient:
         data = (await self._request("GET", f"/history/{prompt_id}"))[1]
         return (data or {}).get(prompt_id)
 
-    async def queued_ids(self):
-        data = (await self._request("GET", "/queue"))[1]
+    async def queued_ids(self, retry=True):
+        data = (await self._request("GET", "/queue", retry=retry))[1]
         return {item[1] for key in ("queue_running", "queue_pending") for item in data.get(key, [])}
 
     async def delete_queued(self, prompt_ids):

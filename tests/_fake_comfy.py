@@ -5,8 +5,9 @@ It follows ComfyUI's documented HTTP/websocket behaviour (``server.py``, ``execu
 ``node_errors`` when nothing can run; prompts run one at a time; the submitting client gets ``status``,
 ``execution_start``, ``executing``, ``progress``, ``executed``, ``execution_success`` / ``execution_error`` and
 ``executing {node: null}``; ``/history/{id}`` is written just after the last message; ``/queue``, ``/view`` and
-``/object_info`` work. Failures can be injected: an execution error chosen per prompt, websocket drops, and a
-simulated restart (the listening socket goes away, queue and history are forgotten).
+``/object_info`` work. Failures can be injected: an execution error chosen per prompt, websocket drops, a
+simulated restart (the listening socket goes away, queue and history are forgotten) and a kill (the socket goes
+away for good while a prompt runs).
 """
 import asyncio
 import io
@@ -20,13 +21,16 @@ HOST = "127.0.0.1"
 
 class FakeComfy:
     def __init__(self, object_info, step_delay=0.002, fail=None, drop_ws_every=None, restart_after=None,
-                 restart_down_for=0.3):
+                 restart_down_for=0.3, die_after=None):
         self.object_info = object_info
         self.step_delay = step_delay
         self.fail = fail                      # fail(prompt) -> (node_id, message) | None
         self.drop_ws_every = drop_ws_every    # close every websocket after this many messages
         self.restart_after = restart_after    # restart once, right after this many accepted prompts
         self.restart_down_for = restart_down_for
+        self.die_after = die_after            # stop for good (a killed server) once this many prompts started
+        self.dead = False
+        self.started = 0                      # prompts taken off the queue, all lifetimes
         self.port = None
         self.posts = 0                        # POST /prompt calls
         self.accepted = 0
@@ -69,6 +73,8 @@ class FakeComfy:
         return self
 
     async def stop(self):
+        if self.dead:
+            return
         self._worker.cancel()
         await asyncio.gather(self._worker, return_exceptions=True)
         for ws in list(self.sockets.values()):
@@ -78,6 +84,14 @@ class FakeComfy:
     async def _restart_soon(self):
         await asyncio.sleep(0.05)  # after this response has gone out, like a crash a moment later
         await self.restart()
+
+    async def kill(self):
+        """Like a killed ComfyUI: connections drop and the port stays closed."""
+        self.dead = True
+        self._worker.cancel()
+        for ws in list(self.sockets.values()):
+            await ws.close()
+        await self._runner.cleanup()
 
     async def restart(self):
         """Like a crashed and restarted ComfyUI: connections drop, the port is closed for a while, and the new
@@ -238,6 +252,11 @@ class FakeComfy:
                 self._wake.clear()
                 await self._wake.wait()
             self.running = self.queue.pop(0)
+            self.started += 1
+            if self.die_after is not None and self.started > self.die_after:
+                self.dead = True   # killed while this prompt runs: it never finishes
+                asyncio.get_running_loop().create_task(self.kill())
+                return
             try:
                 await self._execute(*self.running)
             finally:

@@ -1,4 +1,5 @@
-"""Batch runner against a fake ComfyUI server on 127.0.0.1 (tests/_fake_comfy.py)."""
+"""Batch runner against fake ComfyUI servers on 127.0.0.1 (tests/_fake_comfy.py): one server, and several with
+one killed mid-sweep."""
 import asyncio
 import json
 import os
@@ -12,10 +13,11 @@ from _batch_fixtures import object_info, txt2img_api
 from _fake_comfy import FakeComfy
 from rewardlab.batch import cli
 from rewardlab.batch.client import RetryPolicy
-from rewardlab.batch.runner import BatchRunner, Manifest
+from rewardlab.batch.runner import BatchRunner, Manifest, ServerSpec, parse_servers
 from rewardlab.batch.sweep import expand_runs, parse_assignment
 
-FAST_RETRY = RetryPolicy(attempts=12, base_delay=0.05, max_delay=0.4)
+FAST_RETRY = RetryPolicy(attempts=2, base_delay=0.05, max_delay=0.1)
+FAST = dict(request_retry=FAST_RETRY, poll_interval=0.3, probe_interval=0.05)
 
 
 def seed_runs(spec="1..6", **kw):
@@ -29,8 +31,8 @@ def run(coro):
 async def batch(server_kw, runs, out, concurrency=2, logs=None, progress=False, **kw):
     srv = await FakeComfy(object_info(), **server_kw).start()
     try:
-        runner = BatchRunner(srv.url, out, concurrency=concurrency, retry=FAST_RETRY, poll_interval=0.3,
-                             progress=progress, log=(logs.append if logs is not None else lambda m: None), **kw)
+        runner = BatchRunner(srv.url, out, concurrency=concurrency, progress=progress,
+                             log=(logs.append if logs is not None else lambda m: None), **FAST, **kw)
         records = await runner.run(runs)
     finally:
         await srv.stop()
@@ -80,7 +82,7 @@ def test_restart_and_websocket_drops_lose_nothing(tmp_path):
     check_complete(records, out)
     assert sorted(r["params"]["3.seed"] for r in records) == [1, 2, 3, 4, 5, 6]
     assert any(r["attempts"] > 1 for r in records)  # the prompts the restart forgot were resubmitted
-    assert any("lost prompt" in m for m in logs)
+    assert any("not answering" in m or "lost prompt" in m for m in logs)
     assert len(Manifest(out).load()) == 6
 
 
@@ -117,8 +119,7 @@ def test_interrupt_keeps_finished_runs(tmp_path):
 
     async def interrupted():
         srv = await FakeComfy(object_info(), step_delay=0.01).start()
-        runner = BatchRunner(srv.url, out, concurrency=3, retry=FAST_RETRY, poll_interval=0.3, progress=False,
-                             log=lambda m: None)
+        runner = BatchRunner(srv.url, out, concurrency=3, progress=False, log=lambda m: None, **FAST)
         task = asyncio.create_task(runner.run(seed_runs("1..8")))
         while len(Manifest(out).load()) < 3:
             await asyncio.sleep(0.02)
@@ -222,3 +223,142 @@ def test_cli_runs_an_editor_workflow(tmp_path):
     for p in submitted:  # the PrimitiveNode's prompt reached both the text encoder and the ranking node
         assert inputs_of(p, "RewardLabRankImages")["prompts"] == inputs_of(p, "CLIPTextEncode", "Positive")["text"]
     assert len(Manifest(str(out)).load()) == 2
+
+
+# --- several servers --------------------------------------------------------------------------------------------
+
+async def cluster(server_kws, runs, out, logs=None, progress=False, **kw):
+    servers = [await FakeComfy(object_info(), **skw).start() for skw in server_kws]
+    try:
+        specs = [ServerSpec(s.url, c) for s, c in zip(servers, kw.pop("concurrencies", [2] * len(servers)))]
+        runner = BatchRunner(specs, out, progress=progress, log=(logs.append if logs is not None else lambda m: None),
+                             **FAST, **kw)
+        records = await runner.run(runs)
+    finally:
+        for s in servers:
+            await s.stop()
+    return servers, records, runner
+
+
+def test_a_killed_server_hands_its_runs_to_the_others(tmp_path):
+    """Server B is killed while it runs its fourth prompt. Every run finishes and is recorded once; the live
+    server runs each of its runs once; a run whose result died with B (finished there but not yet downloaded)
+    is run again on A, which is the only way to get its images."""
+    out, logs, runs = str(tmp_path), [], seed_runs("1..12")
+    a_kw, b_kw = {"step_delay": 0.01}, {"step_delay": 0.01, "die_after": 3}
+    servers, records, runner = run(cluster([a_kw, b_kw], runs, out, logs=logs))
+    a, b = servers
+    check_complete(records, out)
+    assert b.dead and b.started == 4 and len(b.history) == 3
+    assert sorted(r["params"]["3.seed"] for r in records) == list(range(1, 13))
+
+    def seeds(srv):
+        return [e["prompt"][2]["3"]["inputs"]["seed"] for e in srv.history.values()]
+
+    on_a = [r["params"]["3.seed"] for r in records if r["server"] == a.url]
+    on_b = [r["params"]["3.seed"] for r in records if r["server"] == b.url]
+    assert sorted(seeds(a)) == sorted(on_a)                     # none twice on the live server
+    assert set(on_b) <= set(seeds(b)) and on_b                  # B's finished runs are kept, not rerun
+    manifest = Manifest(out).load()
+    with open(os.path.join(out, "manifest.jsonl")) as f:
+        assert len(f.readlines()) == len(manifest) == 12        # one manifest, one line per run
+    assert {m["server"] for m in manifest.values()} == {a.url, b.url}
+    assert any("not answering" in m and b.url.split("://")[1] in m for m in logs)
+
+
+def test_a_dead_cluster_is_reported_within_the_deadline(tmp_path):
+    """Both servers die; the runs left are recorded unreachable once no server answered for give_up seconds."""
+    out, logs = str(tmp_path), []
+    started = __import__("time").monotonic()
+    servers, records, runner = run(cluster([{"die_after": 1}, {"die_after": 1}], seed_runs("1..6"), out,
+                                           logs=logs, give_up=1.0))
+    elapsed = __import__("time").monotonic() - started
+    assert runner.gave_up and "no server answered for 1s" in runner.gave_up
+    assert elapsed < 6, elapsed          # the deadline plus start-up, not a retry budget per run
+    statuses = sorted(r["status"] for r in records)
+    assert set(statuses) <= {"success", "unreachable"} and statuses.count("unreachable") >= 4
+    assert len(Manifest(out).load()) == 6
+
+
+def test_runs_go_where_there_is_room(tmp_path):
+    """Server A takes 3 at a time, B 1: A, being faster to free, runs more; neither exceeds its concurrency."""
+    servers, records, _ = run(cluster([{"step_delay": 0.01}, {"step_delay": 0.01}], seed_runs("1..12"),
+                                      str(tmp_path), concurrencies=[3, 1]))
+    a, b = servers
+    check_complete(records, str(tmp_path))
+    assert a.max_in_flight == 3 and b.max_in_flight == 1
+    assert len(a.history) > len(b.history) > 0
+
+
+def test_a_server_without_the_nodes_sits_the_batch_out(tmp_path):
+    logs = []
+    info = object_info()
+    del info["KSampler"]
+
+    async def go():
+        lacking = await FakeComfy(info).start()
+        good = await FakeComfy(object_info()).start()
+        try:
+            runner = BatchRunner([lacking.url, good.url], str(tmp_path), progress=False, log=logs.append,
+                                 required_nodes={"KSampler", "SaveImage"}, **FAST)
+            return lacking, good, await runner.run(seed_runs("1..4"))
+        finally:
+            await lacking.stop()
+            await good.stop()
+
+    lacking, good, records = run(go())
+    assert all(r["status"] == "success" and r["server"] == good.url for r in records)
+    assert lacking.posts == 0 and any("lacks the nodes ['KSampler']" in m for m in logs)
+
+
+def test_progress_shows_each_server(tmp_path, capsys):
+    run(cluster([{"step_delay": 0.01}, {"step_delay": 0.01, "die_after": 1}], seed_runs("1..4", steps=3),
+                str(tmp_path), progress=True))
+    err = capsys.readouterr().err
+    assert "4/4 runs" in err
+    names = [part.split(": ")[0] for part in err.rsplit("\r", 1)[-1].split(" | ")[1:]]
+    assert len(names) == 2 and all(n.startswith("127.0.0.1:") for n in names)
+    assert "running" in err and " down " in err.replace("down", " down ")
+
+
+def test_server_lists(tmp_path):
+    listing = tmp_path / "servers.txt"
+    listing.write_text("# the GPU boxes\nhttp://gpu1:8188 4\nhttp://gpu2:8188/   # default concurrency\n")
+    assert parse_servers([str(listing), "http://gpu3:8188"], default_concurrency=2) == [
+        ServerSpec("http://gpu1:8188", 4), ServerSpec("http://gpu2:8188", 2), ServerSpec("http://gpu3:8188", 2)]
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_servers(["http://a:1", "http://a:1/"])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("http://gpu1:8188 four\n")
+    with pytest.raises(ValueError, match="bad.txt:1: concurrency must be a whole number"):
+        parse_servers([str(bad)])
+    with pytest.raises(ValueError, match="http"):
+        parse_servers(["gpu1:8188"])
+
+
+def test_cli_checks_arguments_before_queueing_anything(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(txt2img_api()))
+    with ThreadedServer() as srv:
+        base = [str(wf), "--server", srv.url, "--out", str(tmp_path / "out"), "--no-progress", "--set", "3.seed=1..3"]
+        for extra, message in ((["--score", "brightnes"], "--score: unknown reward model 'brightnes'"),
+                               (["--concurrency", "0"], "--concurrency must be at least 1"),
+                               (["--give-up", "0"], "--give-up must be at least"),
+                               (["--runs", "missing.csv"], "--runs: no such file")):
+            assert cli.main(base + extra) == 2
+            err = capsys.readouterr().err.strip()
+            assert message in err and len(err.splitlines()) == 1, err
+        assert srv.posts == 0
+
+
+def test_cli_spreads_a_sweep_over_a_server_file(tmp_path, capsys):
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(txt2img_api()))
+    with ThreadedServer(step_delay=0.01) as a, ThreadedServer(step_delay=0.01) as b:
+        listing = tmp_path / "servers.txt"
+        listing.write_text(f"{a.url} 1\n{b.url} 1\n")
+        code = cli.main([str(wf), "--server", str(listing), "--set", "3.seed=1..6", "--out", str(tmp_path / "out"),
+                         "--no-progress", "--poll", "0.3"])
+        counts = (len(a.history), len(b.history))
+    assert code == 0 and sum(counts) == 6 and min(counts) > 0
+    assert "6/6 runs succeeded (" in capsys.readouterr().out
