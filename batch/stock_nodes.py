@@ -10,6 +10,7 @@ loosely (a file name with a model extension).
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 FILE_FOLDER = "rewardlab_file_folder"  # option key marking a combo whose options are files of a model folder
+LATENT_EXTENSIONS = (".latent",)
 MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
 
 SAMPLER_NAMES = [
@@ -104,6 +105,10 @@ STOCK_NODES = {
         "model": ["MODEL", {}], "scheduler": [SCHEDULER_NAMES, {}], "steps": INT(20, 1, 10000),
         "denoise": FLOAT(1.0, 0.0, 1.0, 0.01),
     }, ("SIGMAS",)),
+    "KarrasScheduler": _node("KarrasScheduler", "sampling/custom_sampling/schedulers", {
+        "steps": INT(20, 1, 10000), "sigma_max": FLOAT(14.614642, 0.0, 5000.0, 0.01, round=False),
+        "sigma_min": FLOAT(0.0291675, 0.0, 5000.0, 0.01, round=False), "rho": FLOAT(7.0, 0.0, 100.0, 0.01, round=False),
+    }, ("SIGMAS",)),
     "RandomNoise": _node("RandomNoise", "sampling/custom_sampling/noise", {"noise_seed": SEED()}, ("NOISE",)),
     "DisableNoise": _node("DisableNoise", "sampling/custom_sampling/noise", {}, ("NOISE",)),
     "CFGGuider": _node("CFGGuider", "sampling/custom_sampling/guiders", {
@@ -121,6 +126,7 @@ STOCK_NODES = {
     "PreviewImage": _node("Preview Image", "image", {"images": ["IMAGE", {}]}, (), output_node=True,
                           hidden=_IMAGE_HIDDEN),
     "LoadImage": _node("Load Image", "image", {"image": files("input", image_upload=True)}, ("IMAGE", "MASK")),
+    "LoadLatent": _node("LoadLatent", "_for_testing", {"latent": files("latents")}, ("LATENT",)),
     "PreviewAny": _node("Preview Any", "utils", {"source": ["*", {}]}, (), output_node=True),
 }
 

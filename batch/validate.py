@@ -10,7 +10,7 @@ import sys
 
 from .convert import (SUBGRAPH_INPUT, SUBGRAPH_OUTPUT, WorkflowError, is_api_format, is_editor_format,
                       is_group_node_type, link_rows, to_api, types_compatible)
-from .stock_nodes import FILE_FOLDER, MODEL_EXTENSIONS, VIRTUAL_NODES, offline_object_info
+from .stock_nodes import FILE_FOLDER, LATENT_EXTENSIONS, MODEL_EXTENSIONS, VIRTUAL_NODES, offline_object_info
 from .widgets import WidgetLayoutError, combo_options, input_specs, is_widget, read_widget_values
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def check_value(name, typ, opts, value):
     if options is not None or typ == "COMBO":
         folder = opts.get(FILE_FOLDER)
         if folder and not options:
-            exts = IMAGE_EXTENSIONS if folder == "input" else MODEL_EXTENSIONS
+            exts = {"input": IMAGE_EXTENSIONS, "latents": LATENT_EXTENSIONS}.get(folder, MODEL_EXTENSIONS)
             if not isinstance(value, str) or not value.lower().endswith(exts):
                 return f"{name}: {value!r} is not a file name of the {folder} folder ({', '.join(exts)})"
             return None

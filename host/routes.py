@@ -1,7 +1,8 @@
 """RewardLab's HTTP routes on ComfyUI's server (also mirrored under ``/api/...`` by ComfyUI):
 
 - ``GET  /rewardlab/rewards``  reward models, whether their weight files are present, and which are loaded;
-- ``GET  /rewardlab/training`` training run status (step, reward, last checkpoint), ``?run=ID`` for one run;
+- ``GET  /rewardlab/training`` training run status (step, reward, last checkpoint), ``?run=ID`` for one run,
+  ``?name=NAME`` for the latest run of that name (a new run of a name replaces the old one's status);
 - ``POST /rewardlab/score``    score one image with a weight-free or already loaded reward. The image is an
   upload (multipart field ``image``) or a file of ComfyUI's output folder (JSON ``{"filename", "subfolder"}``);
   other fields: ``reward`` (name), ``prompt`` (text). Nothing outside the output/model folders is ever read.
@@ -59,12 +60,13 @@ async def get_rewards(request):
 async def get_training(request):
     from ..training import status
 
-    run = request.query.get("run")
-    if run is None:
+    run, name = request.query.get("run"), request.query.get("name")
+    if run is None and name is None:
         return web.json_response({"runs": status.snapshot()})
-    entry = status.snapshot(run)
+    entry = status.snapshot(run) if run is not None else status.latest(name)
     if entry is None:
-        return _error(404, f"no training run {run!r}; known: {sorted(status.snapshot())}")
+        known = sorted({e.get("name") or rid for rid, e in status.snapshot().items()})
+        return _error(404, f"no training run {run or name!r}; known: {known}")
     return web.json_response(entry)
 
 

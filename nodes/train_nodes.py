@@ -107,7 +107,7 @@ class RewardLabDRaFTTrainLoRA:
 
         with grad_enabled():
             trainer = Trainer(bundle, reward, config, prompts=lines, heldout=held, lora_path=path, on_step=on_step,
-                              cancel=runtime.current().interrupted, run_id=os.path.basename(path))
+                              cancel=runtime.current().interrupted, run_name=os.path.basename(path))
             try:
                 if resume and os.path.exists(path):
                     trainer.resume()

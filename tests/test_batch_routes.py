@@ -65,14 +65,21 @@ def test_training_status():
     status.update("run-a", step=3, total=10, reward=0.25, last_checkpoint="loras/a_3.safetensors")
     status.update(record={"step": 4, "loss": -0.5, "reward": float("nan"), "note": "x"}, total=10)
 
+    status.start("run-b-1", name="b", step=0)
+    status.update("run-b-1", step=5, reward=0.5)
+    status.start("run-b-2", name="b", step=0)    # the same name again: the first run's status is gone
+
     async def requests(client):
         all_runs = await (await client.get("/rewardlab/training")).json()
         one = await client.get("/rewardlab/training", params={"run": "run-a"})
         missing = await client.get("/rewardlab/training", params={"run": "nope"})
-        return all_runs, one.status, await one.json(), missing.status
+        by_name = await (await client.get("/rewardlab/training", params={"name": "b"})).json()
+        return all_runs, one.status, await one.json(), missing.status, by_name
 
-    all_runs, code, one, missing = call(requests)
+    all_runs, code, one, missing, by_name = call(requests)
     assert code == 200 and missing == 404
+    assert by_name["run_id"] == "run-b-2" and by_name["step"] == 0 and "reward" not in by_name
+    assert "run-b-1" not in all_runs["runs"]
     assert one["step"] == 3 and one["reward"] == 0.25 and one["last_checkpoint"] == "loras/a_3.safetensors"
     default = all_runs["runs"][status.DEFAULT_RUN]
     assert default["step"] == 4 and default["loss"] == -0.5 and default["reward"] is None and "note" not in default

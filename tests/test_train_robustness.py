@@ -204,3 +204,25 @@ def test_training_uses_a_private_generator_not_the_global_rng():
     state = torch.random.get_rng_state()
     tr.train(steps=2)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_status_is_keyed_by_a_run_id_and_a_reused_name_starts_over(tmp_path):
+    """Each Trainer reports under its own run id; a second run of the same name drops the first one's status
+    (no stale checkpoint or reward from the earlier run)."""
+    from rewardlab.training import status
+
+    status.clear()
+    first = Trainer(toy_bundle(), reward, config(method="draft_k", save_every=1), prompts=PROMPTS,
+                    lora_path=str(tmp_path / "mine.safetensors"), run_name="mine")
+    first.train(2)
+    old = status.latest("mine")
+    assert old["run_id"] == first.run_id and old["step"] == 2 and old["status"] == "completed"
+    assert old["last_checkpoint"].endswith("mine.safetensors")
+    second = Trainer(toy_bundle(), reward, config(method="draft_k"), prompts=PROMPTS, run_name="mine")
+    assert second.run_id != first.run_id
+    second.train(1)
+    runs = status.snapshot()
+    assert list(runs) == [second.run_id]
+    new = status.latest("mine")
+    assert new["step"] == 1 and new.get("last_checkpoint") is None and new["started"] > old["started"]
+    status.clear()

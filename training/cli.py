@@ -141,7 +141,7 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
     lora_path = safe_output_path("", name, ".safetensors", root=out)
     stem = os.path.splitext(lora_path)[0]
     trainer = Trainer(bundle, reward, config, prompts=prompts, heldout=heldout, lora_path=lora_path,
-                      run_id=os.path.basename(lora_path),
+                      run_name=os.path.basename(lora_path),
                       on_step=lambda r, t: log(f"step {r['step']:4d}  reward {r['reward']:.4f}  loss {r['loss']:.4f}"
                                                f"  |g| {r['grad_norm']:.3g}  {r['seconds']:.2f}s"
                                                + (f"  held-out {r['heldout_reward']:.4f}" if 'heldout_reward' in r

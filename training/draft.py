@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -256,18 +257,21 @@ class Trainer:
     on_step:     called with each step's log record and the trainer (progress bars, previews)
     cancel:      called before every step and every sampling step; truthy stops training cleanly
     free_memory: called after an OOM / NaN / cancel (ComfyUI: host.free_memory)
-    run_id:      name of this run in training/status.py (GET /rewardlab/training)
+    run_name:    the run's name in training/status.py (GET /rewardlab/training?name=), e.g. the LoRA's name;
+                 each Trainer reports under a fresh run id, and a new run of the same name resets its status
     """
 
     def __init__(self, bundle, reward, config=None, prompts=("",), heldout=(), lora_path=None, on_step=None,
-                 cancel=None, free_memory=None, adapters=None, run_id="default"):
+                 cancel=None, free_memory=None, adapters=None, run_name="default", run_id=None):
         self.cfg = config or DraftConfig()
         self.cfg.validate()
         if not prompts:
             raise ValueError("give at least one training prompt")
         self.bundle, self.reward = bundle, reward
         self.prompts, self.heldout = list(prompts), list(heldout)
-        self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
+        self.lora_path, self.on_step, self.cancel = lora_path, on_step, cancel
+        self.run_name, self.run_id = run_name, run_id or f"{run_name}-{uuid.uuid4().hex[:8]}"
+        self._reported = False
         self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
         self.adapters = adapters if adapters is not None else self._seeded(
@@ -556,6 +560,9 @@ class Trainer:
         Raises TrainingStopped on NaN/Inf, out-of-memory or cancel, after freeing memory."""
         total = self.cfg.train_steps if steps is None else steps
         status, stop = "completed", None
+        if not self._reported:
+            _status("start", self.run_id, name=self.run_name, step=self.step, total=total)
+            self._reported = True
         try:
             while self.step < total:
                 if self.cancel is not None and self.cancel():

@@ -1,7 +1,9 @@
 """A tiny in-process registry of training runs, read by the ``GET /rewardlab/training`` route.
 
-Trainers call ``update(run_id, step=..., total=..., reward=..., last_checkpoint=...)`` (any JSON-able fields;
-``record=`` a step log dict is unpacked into its numbers). Thread-safe: ComfyUI runs nodes in a worker thread
+A trainer makes a fresh run id for every training run and calls ``start(run_id, name=...)`` once: that drops
+what earlier runs of the same name (the LoRA's name) left, so a reused name starts from a clean status. Then
+``update(run_id, step=..., total=..., reward=..., last_checkpoint=...)`` (any JSON-able fields; ``record=`` a step
+log dict is unpacked into its numbers) and ``finish(run_id, status=...)``. ``latest(name)`` finds a run by name. Thread-safe: ComfyUI runs nodes in a worker thread
 while the server reads from its event loop.
 """
 import copy
@@ -27,6 +29,23 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
+
+
+def start(run_id, name=None, **fields):
+    """A new run: a clean status under ``run_id``; earlier runs called ``name`` are dropped."""
+    run_id = str(run_id)
+    with _LOCK:
+        for old in [rid for rid, e in _RUNS.items() if name is not None and e.get("name") == name]:
+            del _RUNS[old]
+        _RUNS[run_id] = {"run_id": run_id, "name": name, "started": time.time(), "status": "running"}
+    update(run_id, **fields)
+
+
+def latest(name):
+    """The status of the most recent run called ``name`` (None if there is none)."""
+    with _LOCK:
+        runs = [e for e in _RUNS.values() if e.get("name") == name]
+        return copy.deepcopy(max(runs, key=lambda e: e["started"])) if runs else None
 
 
 def update(run_id=None, **fields):

@@ -1,8 +1,14 @@
 """Generate RewardLab's shipped workflows from one description each, in both formats:
 
-- editor format (nodes + links, what the ComfyUI editor saves and loads) -> ``example_workflows/<name>.json``,
-  the folder ComfyUI's template browser serves for custom packs (``app/custom_node_manager.py``);
+- editor format (nodes + links, what the ComfyUI editor saves and loads) -> ``example_workflows/<title>.json``,
+  the folder ComfyUI's template browser serves for custom packs (``app/custom_node_manager.py``). The browser shows
+  a pack's template by its file name (title and description) and ``<title>.jpg`` beside it as the thumbnail
+  (written by ``workflows/thumbnails.py``), so file names are the titles;
 - API format (what ``POST /prompt`` and ``rewardlab run`` take) -> ``workflows/api/<name>.json``.
+
+Nodes are laid out automatically: columns by dependency depth, a horizontal band per group (so a group's box holds
+only its members), node sizes estimated from their widgets the way the editor sizes them, with margin
+(``node_size``). ``tests/test_workflows.py`` checks that no two nodes overlap and that groups enclose their nodes.
 
     python workflows/build.py            # (re)write every workflow
     python workflows/build.py --check    # exit 1 if a shipped file differs from what would be written
@@ -14,7 +20,8 @@ import json
 import os
 import sys
 
-from rewardlab.batch.widgets import default_value, input_specs, is_widget, saved_widgets, ui_default
+from rewardlab.batch.widgets import (default_value, input_specs, is_widget, saved_widgets, ui_default,
+                                     widget_layout)
 from rewardlab.batch.stock_nodes import offline_object_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +54,27 @@ class Primitive:
         self.id, self.title, self.value, self.targets = nid, title, value, []
 
 
+# Editor geometry (litegraph): a node's title bar sits above its position; sizes exclude it.
+TITLE_H, SLOT_H, WIDGET_H, TEXTBOX_H, TEXT_NODE_MIN_H = 30, 20, 24, 110, 220
+GAP_X, GAP_Y, GROUP_PAD, GROUP_HEADER, NOTE_SIZE = 60, 40, 20, 50, (560, 230)
+
+
+def node_size(spec, class_type, inputs):
+    """[width, height] the editor will give a node, estimated with margin from its sockets and widgets: a slot
+    row per socket (inputs and outputs side by side), a widget row per widget, a text box per multiline string
+    (a node with one is at least 200 px high in the editor)."""
+    widgets = widget_layout(spec, class_type)
+    boxes = sum(1 for w in widgets if w.kind == "value" and (w.opts or {}).get("multiline"))
+    rows = len(widgets) - boxes
+    slots = max(len(inputs), len(spec.get("output") or []))
+    width = 400 if boxes else 320
+    height = SLOT_H * slots + WIDGET_H * rows + TEXTBOX_H * boxes + 20
+    return [width, max(height, TEXT_NODE_MIN_H) if boxes else height]
+
+
 class Graph:
-    def __init__(self, name, note=""):
-        self.name, self.note = name, note
+    def __init__(self, name, title, note=""):
+        self.name, self.title, self.note = name, title, note
         self.nodes, self.primitives, self.groups = [], [], []
 
     def add(self, class_type, title=None, **inputs):
@@ -122,18 +147,24 @@ class Graph:
                     spec = dict((n, t) for n, t, _ in input_specs(info[node.class_type]))
                     link(value.id, 0, node, name, "COMBO" if isinstance(spec[name], list) else spec[name])
                     value.targets.append((node, name))
-        positions = self._layout()
-        nodes = [self._note_node(positions)] if self.note else []
-        for order, node in enumerate(self.nodes):
-            nodes.append(self._editor_node(node, info, order, positions[node.id], links, incoming, outgoing))
-        for prim in self.primitives:
-            nodes.append(self._primitive_node(prim, info, positions[prim.id], outgoing))
-        groups = [self._group(title, members, positions) for title, members in self.groups]
+        editor_nodes = {node.id: self._editor_node(node, info, order, links, incoming, outgoing)
+                        for order, node in enumerate(self.nodes)}
+        editor_nodes.update({prim.id: self._primitive_node(prim, info, outgoing) for prim in self.primitives})
+        if self.note:
+            note = self._note_node()
+            editor_nodes[note["id"]] = note
+        positions, group_boxes = self._layout(editor_nodes)
+        for nid, node in editor_nodes.items():
+            node["pos"] = positions[nid]
+        nodes = ([editor_nodes[max(editor_nodes)]] if self.note else []) + \
+            [editor_nodes[n.id] for n in self.nodes] + [editor_nodes[p.id] for p in self.primitives]
+        groups = [{"title": title, "bounding": box, "color": "#3f789e", "font_size": 24, "flags": {}}
+                  for (title, _), box in zip(self.groups, group_boxes)]
         last_id = max([n["id"] for n in nodes] + [0])
         return {"last_node_id": last_id, "last_link_id": len(links), "nodes": nodes, "links": links,
-                "groups": groups, "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+                "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
-    def _editor_node(self, node, info, order, pos, links, incoming, outgoing):
+    def _editor_node(self, node, info, order, links, incoming, outgoing):
         spec = info[node.class_type]
         inputs = []
         for name, typ, opts in input_specs(spec):
@@ -146,39 +177,42 @@ class Graph:
             if linked is not None:
                 links[linked - 1][4] = len(inputs)
             inputs.append(entry)
+        sockets = [name for name, typ, opts in input_specs(spec) if not is_widget(typ, opts)]
         outputs = [{"name": spec["output_name"][i], "type": t, "links": outgoing.get((node.id, i), []),
                     "slot_index": i} for i, t in enumerate(spec["output"])]
         values = self.values(node, info)
         widgets = [values[w.input] if w.sent else ui_default(w) for w in saved_widgets(spec, node.class_type)]
-        out = {"id": node.id, "type": node.class_type, "pos": pos, "size": _size(len(widgets), inputs, outputs),
-               "flags": {}, "order": order, "mode": node.mode, "inputs": inputs, "outputs": outputs,
-               "properties": {"Node name for S&R": node.class_type}, "widgets_values": widgets}
+        out = {"id": node.id, "type": node.class_type, "pos": [0, 0],
+               "size": node_size(spec, node.class_type, sockets), "flags": {}, "order": order, "mode": node.mode,
+               "inputs": inputs, "outputs": outputs, "properties": {"Node name for S&R": node.class_type},
+               "widgets_values": widgets}
         if node.title and node.title != spec.get("display_name"):
             out["title"] = node.title
         return out
 
-    def _primitive_node(self, prim, info, pos, outgoing):
+    def _primitive_node(self, prim, info, outgoing):
         node, name = prim.targets[0]
         typ, opts = next((t, o) for n, t, o in input_specs(info[node.class_type]) if n == name)
         slots = saved_widgets(info[node.class_type], node.class_type)
         has_control = any(w.kind == "control" and slots[i - 1].input == name for i, w in enumerate(slots) if i)
         kind = "COMBO" if isinstance(typ, list) else typ
-        return {"id": prim.id, "type": "PrimitiveNode", "pos": pos, "size": [400, 160 if kind == "STRING" else 82],
+        size = [400, TEXTBOX_H + 40] if kind == "STRING" else [320, 2 * WIDGET_H + SLOT_H + 20]
+        return {"id": prim.id, "type": "PrimitiveNode", "pos": [0, 0], "size": size,
                 "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [],
                 "outputs": [{"name": kind, "type": kind, "links": outgoing.get((prim.id, 0), []),
                              "slot_index": 0, "widget": {"name": name}}],
                 "title": prim.title, "properties": {"Run widget replace on values": False},
                 "widgets_values": [prim.value] + (["fixed"] if has_control else [])}
 
-    def _note_node(self, positions):
-        return {"id": len(self.nodes) + len(self.primitives) + 1, "type": "Note", "pos": [40, -260],
-                "size": [520, 200], "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
+    def _note_node(self):
+        return {"id": len(self.nodes) + len(self.primitives) + 1, "type": "Note", "pos": [0, 0],
+                "size": list(NOTE_SIZE), "flags": {}, "order": 0, "mode": 0, "inputs": [], "outputs": [],
                 "title": "How to use", "properties": {"text": ""}, "widgets_values": [self.note],
                 "color": "#432", "bgcolor": "#653"}
 
-    def _layout(self):
-        """Columns by dependency depth (sources sit just left of their first consumer), rows in insertion
-        order, in horizontal bands (see below); primitives sit in the first column."""
+    def _depths(self):
+        """Column of every node: 1 + the deepest node it reads from; a source moves right to sit just left of
+        its nearest consumer; primitives and the note take column 0."""
         depth, children = {}, {}
         for node in self.nodes:
             for value in node.inputs.values():
@@ -196,47 +230,66 @@ class Graph:
         for node in self.nodes:
             if not any(isinstance(v, Out) for v in node.inputs.values()) and node.id in children:
                 depth[node.id] = max(1, min(depth[c.id] for c in children[node.id]) - 1)
-        # Bands: ungrouped nodes on top, then one band per group, so a group's box holds only its members.
+        return depth
+
+    def _layout(self, editor_nodes):
+        """Positions {id: [x, y]} and group boxes. Bands top to bottom: the note, the ungrouped nodes, then one
+        band per group; inside a band, columns by depth (shared by all bands), nodes stacked by their size."""
+        depth = self._depths()
+        for prim in self.primitives:
+            depth[prim.id] = 0
         band_of = {}
         for index, (_, members) in enumerate(self.groups, 1):
             for m in members:
                 band_of.setdefault(m.id, index)
-        pos, top = {}, 40
-        for band in range(len(self.groups) + 1):
-            rows = {}
-            if band == 0 and self.primitives:
-                rows[0] = len(self.primitives)
-                for k, prim in enumerate(self.primitives):
-                    pos[prim.id] = [40, top + 260 * k]
-            for node in self.nodes:
-                if band_of.get(node.id, 0) == band:
-                    col = depth[node.id]
-                    pos[node.id] = [40 + 400 * col, top + 260 * rows.get(col, 0)]
-                    rows[col] = rows.get(col, 0) + 1
-            top += 260 * max(rows.values(), default=0) + (80 if rows else 0)
-        return pos
-
-    @staticmethod
-    def _group(title, members, positions):
-        xs = [positions[m.id][0] for m in members]
-        ys = [positions[m.id][1] for m in members]
-        return {"title": title, "bounding": [min(xs) - 20, min(ys) - 50, max(xs) - min(xs) + 380,
-                                             max(ys) - min(ys) + 290],
-                "color": "#3f789e", "font_size": 24, "flags": {}}
-
-
-def _size(n_widgets, inputs, outputs):
-    return [340, 46 + 24 * (max(len(inputs), len(outputs)) + n_widgets)]
+        bands = [[] for _ in range(len(self.groups) + 1)]
+        for nid in [p.id for p in self.primitives] + [n.id for n in self.nodes]:
+            bands[band_of.get(nid, 0)].append(nid)
+        widths = {}
+        for nid, col in depth.items():
+            widths[col] = max(widths.get(col, 0), editor_nodes[nid]["size"][0])
+        xs, x = {}, 0
+        for col in range(max(widths, default=0) + 1):
+            xs[col] = x
+            x += widths.get(col, 0) + GAP_X
+        pos, boxes, top = {}, [], 0
+        if self.note:
+            note_id = max(editor_nodes)
+            pos[note_id] = [0, top + TITLE_H]
+            top += TITLE_H + NOTE_SIZE[1] + GAP_Y
+        for band, members in enumerate(bands):
+            if not members:
+                if band:
+                    boxes.append([0, top, 0, 0])
+                continue
+            start = top + (GROUP_HEADER if band else 0)
+            bottoms = {}
+            for nid in members:
+                col = depth[nid]
+                y = bottoms.get(col, start) + TITLE_H
+                pos[nid] = [xs[col], y]
+                bottoms[col] = y + editor_nodes[nid]["size"][1] + GAP_Y
+            bottom = max(bottoms.values()) - GAP_Y
+            if band:
+                left = min(pos[n][0] for n in members) - GROUP_PAD
+                right = max(pos[n][0] + editor_nodes[n]["size"][0] for n in members) + GROUP_PAD
+                boxes.append([left, top, right - left, bottom + GROUP_PAD - top])
+                bottom += GROUP_PAD
+            top = bottom + GAP_Y + (GROUP_PAD if band else 0)
+        return pos, boxes
 
 
 # --- the workflows -----------------------------------------------------------------------------------------------
 
-WORKFLOWS = {}
+WORKFLOWS = {}   # name -> function returning its Graph; the Graph's title is the editor file's name
 
 
-def workflow(fn):
-    WORKFLOWS[fn.__name__] = fn
-    return fn
+def workflow(title):
+    def register(fn):
+        fn.title = title
+        WORKFLOWS[fn.__name__] = fn
+        return fn
+    return register
 
 
 def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, share_prompt=False):
@@ -250,9 +303,9 @@ def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, 
     return ckpt, pos, neg, latent, text
 
 
-@workflow
+@workflow("Score and rank a batch with a reward model")
 def score_and_rank():
-    g = Graph("score_and_rank", note=(
+    g = Graph("score_and_rank", score_and_rank.title, note=(
         "Score and rank a batch with a reward model.\n\n1. Pick your SD1.5 checkpoint in Load Checkpoint.\n"
         "2. Put the reward weights in models/rewards (see the README) and pick the reward in Load Reward Model.\n"
         "3. Queue: KSampler makes 4 candidates, Rank Images keeps the best, the table shows every score.\n\n"
@@ -273,11 +326,41 @@ def score_and_rank():
     return g
 
 
-def custom_sampling(g, model, guider, latent, vae, prefix, steps=20, seed=0):
-    """RandomNoise + KSamplerSelect + BasicScheduler into SamplerCustomAdvanced, decoded and saved.
-    Returns (sigmas node, sampler node)."""
+@workflow("Inspect rewards (scores, gradient heatmaps, combined rewards)")
+def inspect_rewards():
+    g = Graph("inspect_rewards", inspect_rewards.title, note=(
+        "Look inside the rewards before you optimise them.\n\n"
+        "Combine Rewards mixes a learned reward (aesthetic) with a weight-free one (colourfulness, 0.5); Score "
+        "Images lists every image's score; Reward Gradient shows where the reward would change each image (the "
+        "heatmap) and overlays it. Pick your checkpoint and reward.\n\n"
+        "Unload Reward Models frees the cached reward models: it ships muted (it would run in any order with the "
+        "rest); unmute it and queue once when you need the memory back."))
+    ckpt, pos, neg, latent, text = txt2img(g, "a bowl of lemons on a blue table, photo", batch_size=4,
+                                           share_prompt=True)
+    sampler = g.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
+                    steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    learned = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
+    colour = g.add("RewardLabWeightFreeReward", kind="colourfulness")
+    combined = g.add("RewardLabCombineRewards", reward_1=learned[0], weight_1=1.0, reward_2=colour[0],
+                     weight_2=0.5, normalise="range")
+    scores = g.add("RewardLabScoreImages", reward=combined[0], images=decode[0], prompts=text)
+    g.add("PreviewAny", "Score table", source=scores[2])
+    gradient = g.add("RewardLabRewardGradient", reward=learned[0], images=decode[0], prompts=text,
+                     mode="magnitude", overlay_strength=0.6, gamma=0.5)
+    g.add("PreviewImage", "Gradient heatmaps", images=gradient[0])
+    g.add("PreviewImage", "Heatmaps over the images", images=gradient[1])
+    unload = g.add("RewardLabUnloadRewards", "Unload reward models (muted)", model_name="all")
+    g.mute(unload)
+    g.group("Rewards", learned, colour, combined, scores, gradient)
+    return g
+
+
+def custom_sampling(g, model, guider, latent, vae, prefix, steps=20, seed=0, sampler=None):
+    """RandomNoise + a SAMPLER (KSamplerSelect unless given) + BasicScheduler into SamplerCustomAdvanced, decoded
+    and saved. Returns (sigmas node, sampler node)."""
     noise = g.add("RandomNoise", noise_seed=seed)
-    select = g.add("KSamplerSelect", sampler_name="euler")
+    select = sampler or g.add("KSamplerSelect", sampler_name="euler")
     sigmas = g.add("BasicScheduler", model=model, scheduler="karras", steps=steps, denoise=1.0)
     sample = g.add("SamplerCustomAdvanced", noise=noise[0], guider=guider, sampler=select[0], sigmas=sigmas[0],
                    latent_image=latent)
@@ -286,22 +369,22 @@ def custom_sampling(g, model, guider, latent, vae, prefix, steps=20, seed=0):
     return sigmas, sample
 
 
-def resample(g, ckpt, pos, neg, latent, noise, cfg, steps, scheduler, prefix):
-    """Stock SamplerCustomAdvanced fed with an optimised NOISE: same model, conds, cfg, sampler and sigmas as the
-    optimiser, so it reproduces the optimised image."""
+def resample(g, ckpt, pos, neg, latent, noise, cfg, steps, scheduler, prefix, title=None):
+    """Stock SamplerCustomAdvanced fed with a NOISE: same model, conds, cfg, sampler and sigmas as the
+    optimiser, so it reproduces the optimised image. Returns the nodes it adds."""
     guider = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=cfg)
     select = g.add("KSamplerSelect", sampler_name="euler")
     sigmas = g.add("BasicScheduler", model=ckpt[0], scheduler=scheduler, steps=steps, denoise=1.0)
-    sample = g.add("SamplerCustomAdvanced", noise=noise, guider=guider[0], sampler=select[0], sigmas=sigmas[0],
-                   latent_image=latent[0])
+    sample = g.add("SamplerCustomAdvanced", title, noise=noise, guider=guider[0], sampler=select[0],
+                   sigmas=sigmas[0], latent_image=latent[0])
     decode = g.add("VAEDecode", samples=sample[0], vae=ckpt[2])
-    g.add("SaveImage", images=decode[0], filename_prefix=prefix)
-    return sample
+    save = g.add("SaveImage", images=decode[0], filename_prefix=prefix)
+    return [guider, select, sigmas, sample, decode, save]
 
 
-@workflow
+@workflow("Optimise the starting noise for a reward (ReNO)")
 def reno_noise():
-    g = Graph("reno_noise", note=(
+    g = Graph("reno_noise", reno_noise.title, note=(
         "ReNO (Eyring et al. 2024): optimise the initial noise by gradient ascent on a reward, then sample it with "
         "stock SamplerCustomAdvanced.\n\nMeant for one/few-step models: pick e.g. SD-Turbo in Load Checkpoint "
         "(cfg 1, 1 step). ReNO's NOISE output carries the optimised tensor; the stock sampler below uses the same "
@@ -320,12 +403,14 @@ def reno_noise():
     return g
 
 
-@workflow
+@workflow("Search many starting noises for the best reward")
 def noise_search():
-    g = Graph("noise_search", note=(
+    g = Graph("noise_search", noise_search.title, note=(
         "Noise search: try many initial noises (random, zero-order neighbourhood or search over paths), keep the "
         "one with the best reward, and sample it with stock SamplerCustomAdvanced.\n\nNo gradients, so any "
-        "model and any reward works; the cost is `budget` full samplings. Pick your checkpoint and reward."))
+        "model and any reward works; the cost is `budget` full samplings. Pick your checkpoint and reward.\n\n"
+        "The muted group starts from a noise of your own instead: a .latent file of unit-variance noise in "
+        "ComfyUI's input folder, wrapped by Noise from Latent (unmute it once the file is there)."))
     ckpt, pos, neg, latent, text = txt2img(g, "a lighthouse on a rocky coast at sunset, oil painting",
                                            share_prompt=True)
     reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
@@ -336,13 +421,20 @@ def noise_search():
     g.add("PreviewAny", "Best score", source=search[4])
     resample(g, ckpt, pos, neg, latent, search[0], cfg=7.0, steps=20, scheduler="normal",
              prefix="rewardlab/noise_search")
+    saved = g.add("LoadLatent", "Load a saved noise", latent="my_noise.latent")
+    wrapped = g.add("RewardLabNoiseFromLatent", latent=saved[0], seed=0)
+    replay = [saved, wrapped] + resample(g, ckpt, pos, neg, latent, wrapped[0], cfg=7.0, steps=20,
+                                         scheduler="normal", prefix="rewardlab/own_noise",
+                                         title="SamplerCustomAdvanced (own noise)")
+    g.mute(*replay)
     g.group("Noise search", reward, search)
+    g.group("Start from your own noise (muted: needs input/my_noise.latent)", *replay)
     return g
 
 
-@workflow
+@workflow("Change the guidance over the steps (Scheduled Guider)")
 def scheduled_guidance_guider():
-    g = Graph("scheduled_guidance_guider", note=(
+    g = Graph("scheduled_guidance_guider", scheduled_guidance_guider.title, note=(
         "Guidance that changes over the steps, as a GUIDER for SamplerCustomAdvanced.\n\n"
         "Guidance Schedule (Wang et al.) makes a CFG schedule (here linear, mean scale 7.5); Scheduled Guider "
         "applies it per step (combiner: cfg, APG, CFG-Zero*, rescale). The plots show the scale per step and "
@@ -358,9 +450,44 @@ def scheduled_guidance_guider():
     return g
 
 
-@workflow
+@workflow("Build a guidance schedule from shapes, keyframes and math")
+def guidance_schedule_toolkit():
+    g = Graph("guidance_schedule_toolkit", guidance_schedule_toolkit.title, note=(
+        "The schedule building blocks, combined into one CFG schedule.\n\n"
+        "A cosine ramp (Shape) and a keyframed curve are combined with min (Math), then rescaled so the mean cfg "
+        "is 7 (Transform): the image gets the same total guidance as cfg 7, spent differently over the steps. "
+        "Scheduled Guider applies it; the plot shows it per step and per sigma.\n\n"
+        "Below: any SIGMAS curve can be a schedule too (Guidance Schedule from SIGMAS): here a Karras curve from 9 "
+        "down to 2, plotted; connect it to the guider's cfg_schedule to use it. The RewardLab Sampler runs the "
+        "steps (euler_ancestral)."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a misty pine forest at dawn, photo")
+    ramp = g.add("RewardLabGuidanceShape", shape="cosine", start=3.0, end=9.0, power=1.0, floor=0.0, center=0.5,
+                 axis="p_step")
+    keys = g.add("RewardLabGuidanceKeyframes", keyframes="0:9.0, 0.4:7.0, 1:3.0", axis="p_step",
+                 interpolation="linear")
+    lower = g.add("RewardLabGuidanceMath", operation="min", a=1.0, b=1.0, a_schedule=ramp[0], b_schedule=keys[0])
+    scaled = g.add("RewardLabGuidanceTransform", schedule=lower[0], transform="normalize_mean", target=7.0)
+    guider = g.add("RewardLabScheduledGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=7.0,
+                   combiner="cfg", cfg_schedule=scaled[0])
+    sampler = g.add("RewardLabSampler", sampler_name="euler_ancestral", eta=-1.0)
+    sigmas, _ = custom_sampling(g, ckpt[0], guider[0], latent[0], ckpt[2], "rewardlab/schedule_toolkit",
+                                sampler=sampler)
+    plot = g.add("RewardLabPlotGuidanceSchedule", model=ckpt[0], sigmas=sigmas[0], cfg=7.0, cfg_schedule=scaled[0])
+    g.add("PreviewImage", "Combined schedule", images=plot[0])
+    curve = g.add("KarrasScheduler", "A cfg curve (Karras shape, 9 to 2)", steps=20, sigma_max=9.0, sigma_min=2.0,
+                  rho=3.0)
+    from_sigmas = g.add("RewardLabGuidanceFromSigmas", weights=curve[0])
+    plot_curve = g.add("RewardLabPlotGuidanceSchedule", model=ckpt[0], sigmas=sigmas[0], cfg=7.0,
+                       cfg_schedule=from_sigmas[0])
+    g.add("PreviewImage", "Curve from SIGMAS", images=plot_curve[0])
+    g.group("Schedule building blocks", ramp, keys, lower, scaled, guider)
+    g.group("A schedule from any SIGMAS curve", curve, from_sigmas, plot_curve)
+    return g
+
+
+@workflow("Guidance only in a sigma interval (KSampler model patch)")
 def guidance_model_patch():
-    g = Graph("guidance_model_patch", note=(
+    g = Graph("guidance_model_patch", guidance_model_patch.title, note=(
         "The same guidance schedules as a MODEL patch, so the stock KSampler uses them.\n\n"
         "Guidance Interval applies CFG 7 only for sigmas in [0.28, 5.42] (Kynkaanniemi et al.) and 1 outside; "
         "Apply Guidance Schedule patches the model's CFG function. KSampler's cfg must stay above 1 (at 1 it "
@@ -376,9 +503,9 @@ def guidance_model_patch():
     return g
 
 
-@workflow
+@workflow("Steer sampling with a reward gradient (Reward Guidance)")
 def reward_guidance():
-    g = Graph("reward_guidance", note=(
+    g = Graph("reward_guidance", reward_guidance.title, note=(
         "Reward guidance: each step nudges the sample along the gradient of a reward of its decoded x0 "
         "(between start and end of the schedule).\n\nReward Guidance wraps any GUIDER (here CFGGuider). Put the "
         "reward weights in models/rewards and pick the reward in Load Reward Model; the prompt is shared with "
@@ -394,9 +521,9 @@ def reward_guidance():
     return g
 
 
-@workflow
+@workflow("More diverse samples at high guidance (CADS)")
 def cads():
-    g = Graph("cads", note=(
+    g = Graph("cads", cads.title, note=(
         "CADS (condition-annealed sampling, Sadat et al. 2024): noise is added to the conditioning early in "
         "sampling (annealed between tau1 and tau2) for more diverse samples at high guidance.\n\n"
         "CADS wraps any GUIDER. Sweep seeds to see the diversity: rewardlab run workflows/api/cads.json "
@@ -427,14 +554,15 @@ def sample_and_save(g, model, pos, neg, latent, vae, prefix, title=None):
     return [sampler, decode, g.add("SaveImage", images=decode[0], filename_prefix=prefix)]
 
 
-@workflow
+@workflow("Train a reward LoRA (DRaFT)")
 def draft_train_lora():
-    g = Graph("draft_train_lora", note=(
+    g = Graph("draft_train_lora", draft_train_lora.title, note=(
         "DRaFT: train a reward LoRA by backpropagating a differentiable reward through sampling, then use it.\n\n"
         "1. Pick your SD1.5 checkpoint. The reward here is weight-free (colourfulness); swap in Load Reward Model "
         "for a learned one. Training prompts: one per line.\n"
         "2. Queue: the LoRA is saved as output/loras/rewardlab_draft.safetensors every 50 steps; the trained MODEL "
-        "goes straight into the KSampler on the right, and the curve shows reward and loss per step.\n"
+        "goes straight into a KSampler, and Apply Reward LoRA uses the same LoRA at half strength (less reward, "
+        "closer to the base model). The curve shows reward and loss per step.\n"
         "3. Later runs without retraining: mute DRaFT Train LoRA and unmute the group 'After training' (select it, "
         "Ctrl+M). It ships muted because the stock LoRA loader only accepts files that exist: before the first "
         "training that branch would fail validation (ComfyUI skips it and reports an error)."))
@@ -446,6 +574,9 @@ def draft_train_lora():
     g.add("PreviewImage", "Reward curve", images=train[2])
     g.add("PreviewImage", "Last training batch", images=train[3])
     sample_and_save(g, train[0], pos, neg, latent, ckpt[2], "rewardlab/draft", "KSampler (trained model)")
+    half = g.add("RewardLabApplyRewardLoRA", "Apply Reward LoRA (half strength)", model=ckpt[0], lora=train[1],
+                 strength=0.5)
+    sample_and_save(g, half[0], pos, neg, latent, ckpt[2], "rewardlab/draft_half", "KSampler (LoRA at 0.5)")
     from_file = g.add("LoraLoaderModelOnly", "Load the saved LoRA", model=ckpt[0],
                       lora_name="rewardlab_draft.safetensors", strength_model=1.0)
     after = [from_file] + sample_and_save(g, from_file[0], pos, neg, latent, ckpt[2], "rewardlab/draft_from_file",
@@ -456,9 +587,9 @@ def draft_train_lora():
     return g
 
 
-@workflow
+@workflow("Mix and scale reward LoRAs")
 def mix_reward_loras():
-    g = Graph("mix_reward_loras", note=(
+    g = Graph("mix_reward_loras", mix_reward_loras.title, note=(
         "Mix two reward LoRAs: alpha_1 * dW1 + alpha_2 * dW2 on one MODEL (DRaFT's LoRA mixing).\n\n"
         "Two DRaFT Train LoRA nodes make the LoRAs (weight-free rewards: colourfulness and JPEG compressibility; "
         "swap in Load Reward Model for learned ones), Mix Reward LoRAs merges them onto the checkpoint's MODEL, "
@@ -487,9 +618,18 @@ def render(info=None):
     files = {}
     for name, build in WORKFLOWS.items():
         g = build()
-        files[os.path.join("example_workflows", f"{name}.json")] = _dump(g.editor(info))
-        files[os.path.join("workflows", "api", f"{name}.json")] = _dump(g.api(info))
+        files[editor_path(name)] = _dump(g.editor(info))
+        files[api_path(name)] = _dump(g.api(info))
     return files
+
+
+def editor_path(name):
+    """example_workflows/<title>.json: the template browser shows the file name as title and description."""
+    return os.path.join("example_workflows", f"{WORKFLOWS[name].title}.json")
+
+
+def api_path(name):
+    return os.path.join("workflows", "api", f"{name}.json")
 
 
 def _dump(data):

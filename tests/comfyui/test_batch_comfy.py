@@ -15,7 +15,8 @@ import os
 import pytest
 
 from rewardlab.batch import cli
-from rewardlab.batch.convert import input_specs, to_api, widget_slots
+from rewardlab.batch.convert import to_api
+from rewardlab.batch.widgets import input_specs, saved_widgets
 from rewardlab.batch.runner import Manifest
 from rewardlab.batch.stock_nodes import FILE_FOLDER, STOCK_NODES
 from rewardlab.nodes import NODE_CLASS_MAPPINGS
@@ -42,7 +43,7 @@ def test_stock_table_agrees_with_the_server(info):
         real = info[name]
         assert real["output"] == ours["output"] and real["output_name"] == ours["output_name"], name
         assert real["display_name"] == ours["display_name"] and real["output_node"] == ours["output_node"], name
-        assert [s[0] for s in widget_slots(real)] == [s[0] for s in widget_slots(ours)], name
+        assert [w.name for w in saved_widgets(real, name)] == [w.name for w in saved_widgets(ours, name)], name
         ours_specs = {n: (t, o) for n, t, o in input_specs(ours)}
         real_specs = {n: (t, o) for n, t, o in input_specs(real)}
         assert list(real_specs) == list(ours_specs), name
