@@ -179,7 +179,8 @@ def _run(args):
         scored = score_records(records, runner.out_dir, args.score, folder=args.reward_folder)
         path = write_report(runner.out_dir, scored, args.score)
         if scored:
-            print(f"best {args.score} = {scored[0]['score']:.4f}: {scored[0]['path']} {json.dumps(scored[0]['params'])}")
+            best = scored[0]
+            print(f"best {args.score} = {best['score']:.4f}: {best['path']} {json.dumps(best['params'])}")
         print(f"report: {path}")
     if runner.gave_up:
         return 2

@@ -1,7 +1,8 @@
 """A small asyncio client for ComfyUI's HTTP + websocket API (``server.py``), with retries.
 
 Every request is retried with exponential backoff while the server is unreachable or answers 5xx (a restart),
-up to ``RetryPolicy.attempts`` (the batch runner keeps this short and waits for servers itself). The websocket (``/ws?clientId=``) reconnects the same way; since messages sent
+up to ``RetryPolicy.attempts`` (the batch runner keeps this short and waits for servers itself). The websocket
+(``/ws?clientId=``) reconnects the same way; since messages sent
 while it was down are lost, callers re-check ``/history`` and ``/queue`` after each reconnect.
 """
 import asyncio

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from .stock_nodes import VIRTUAL_NODES
 from .text import REPLACE_PROPERTY, SAVE_NODE_TYPES, SEARCH_NAME_PROPERTY, Replacements, dynamic_prompt
-from .widgets import (CONTROL_VALUES, QUEUE_TIME_WIDGETS, WidgetLayoutError, combo_options, default_value, input_specs,  # noqa: F401
-                      is_widget, ordered_inputs, read_widget_values, spec_entry, widget_layout)
+from .widgets import (QUEUE_TIME_WIDGETS, WidgetLayoutError, input_specs, is_widget, ordered_inputs,
+                      read_widget_values)
 
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 SUBGRAPH_INPUT, SUBGRAPH_OUTPUT = -10, -20

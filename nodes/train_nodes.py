@@ -23,6 +23,31 @@ CATEGORY = "RewardLab/Training"
 VAE_TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
                           "tooltip": "Decode the images for the reward in tiles of this many pixels (0: in one piece), "
                                      "for large images whose decoder activations do not fit in memory."})
+OPTIONS_TYPE = "DRAFT_OPTIONS"
+# Settings of the node itself (not DraftConfig fields), shown on DRaFT Options next to the table's "node-optional" ones.
+NODE_OPTIONS = {
+    "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                           "tooltip": "Distilled guidance of guidance-distilled models (Flux-dev), as FluxGuidance "
+                                      "sets it, for prompts encoded with the CLIP input (use cfg 1 with these "
+                                      "models). Ignored by other models."}),
+    "heldout_prompts": ("STRING", {"multiline": True, "default": "",
+                                   "tooltip": "Held-out prompts scored every 'heldout_every' steps (reward-hacking "
+                                              "monitor; needs CLIP to differ)."}),
+    "vae_tile_size": VAE_TILE_INPUT,
+    "resume": ("BOOLEAN", {"default": False,
+                           "tooltip": "Continue from output/loras/<name> and its .state.pt if present."}),
+}
+
+
+def advanced_options(values=None):
+    """The DRaFT Options node's settings: its defaults, overridden by ``values`` (what the node returned)."""
+    specs = RewardLabDRaFTOptions.INPUT_TYPES()["required"]
+    out = {name: spec[1]["default"] for name, spec in specs.items()}
+    unknown = sorted(set(values or {}) - set(out))
+    if unknown:
+        raise ValueError(f"unknown DRaFT options {unknown}: connect a DRaFT Options node of this RewardLab version")
+    out.update(values or {})
+    return out
 
 
 # --- nodes --------------------------------------------------------------------------------------------------------
@@ -74,22 +99,17 @@ class RewardLabDRaFTTrainLoRA:
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (default: empty prompt / zeros)."}),
                 "clip": ("CLIP", {"tooltip": "Encodes each training prompt separately (per-sample conditioning), "
                                              "with the image size as SDXL's size conditioning."}),
-                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                                       "tooltip": "Distilled guidance of guidance-distilled models (Flux-dev), as "
-                                                  "FluxGuidance sets it, for prompts encoded with the CLIP input "
-                                                  "(use cfg 1 with these models). Ignored by other models."}),
-                "heldout_prompts": ("STRING", {"multiline": True, "default": "",
-                                               "tooltip": "Held-out prompts scored every 'heldout_every' steps "
-                                                          "(reward-hacking monitor; needs CLIP to differ)."}),
-                **node_inputs(optional=True),
-                "vae_tile_size": VAE_TILE_INPUT,
-                "resume": ("BOOLEAN", {"default": False,
-                                       "tooltip": "Continue from output/loras/<name> and its .state.pt if present."}),
+                "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from a DRaFT Options node (held-out "
+                                                      "prompts, KL penalty, LoRA targets, precision, ...); "
+                                                      "unconnected: that node's defaults."}),
             },
         }
 
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
-              negative=None, clip=None, guidance=3.5, heldout_prompts="", vae_tile_size=0, resume=False, **options):
+              negative=None, clip=None, options=None, **options_here):
+        advanced = advanced_options(options)
+        guidance, heldout_prompts, vae_tile_size, resume = (advanced.pop(k) for k in NODE_OPTIONS)
+        options = {**advanced, **options_here}
         lines = prompt_lines(prompts) or [""]
         held = prompt_lines(heldout_prompts)
         if not held:
@@ -123,6 +143,25 @@ class RewardLabDRaFTTrainLoRA:
         trained = apply_lora_state_dict(model, lora, 1.0)
         preview = image_grid(images) if images is not None else torch.zeros(1, 64, 64, 3)
         return (trained, lora, training_curve(log), preview)
+
+
+class RewardLabDRaFTOptions:
+    DESCRIPTION = ("The advanced settings of DRaFT Train LoRA, for its options input: held-out prompts and early "
+                   "stopping, the DRaFT+ KL penalty, weight decay, gradient clipping and accumulation, which layers "
+                   "get a LoRA, precision, checkpointing, distilled guidance, tiled decoding and resume.")
+    CATEGORY = CATEGORY
+    FUNCTION = "collect"
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("These settings, for DRaFT Train LoRA's options input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # the DRaFT settings the options table marks "node-optional" (training/options.py), then the node's own
+        return {"required": {**node_inputs(optional=True), **NODE_OPTIONS}}
+
+    def collect(self, **values):
+        return (dict(values),)
 
 
 class RewardLabApplyRewardLoRA:
@@ -198,12 +237,14 @@ class RewardLabSaveRewardLoRA:
 
 NODE_CLASS_MAPPINGS = {
     "RewardLabDRaFTTrainLoRA": RewardLabDRaFTTrainLoRA,
+    "RewardLabDRaFTOptions": RewardLabDRaFTOptions,
     "RewardLabApplyRewardLoRA": RewardLabApplyRewardLoRA,
     "RewardLabMixRewardLoRAs": RewardLabMixRewardLoRAs,
     "RewardLabSaveRewardLoRA": RewardLabSaveRewardLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "RewardLabDRaFTTrainLoRA": "DRaFT Train LoRA (RewardLab)",
+    "RewardLabDRaFTOptions": "DRaFT Options (RewardLab)",
     "RewardLabApplyRewardLoRA": "Apply Reward LoRA (RewardLab)",
     "RewardLabMixRewardLoRAs": "Mix Reward LoRAs (RewardLab)",
     "RewardLabSaveRewardLoRA": "Save Reward LoRA (RewardLab)",

@@ -89,7 +89,8 @@ def test_official_templates_with_subgraphs_convert_like_the_editor(path):
     ours = to_api(c["workflow"], c["object_info"])
     assert _without_localised_titles(ours, c["workflow"]) == _without_localised_titles(c["prompt"], c["workflow"])
     errors = validate_editor(c["workflow"], c["object_info"])
-    assert all(re.search(r"not in \[(.pixel_space.)?\]$", e) for e in errors), errors  # only model files the server lacks
+    lacking = r"not in \[(.pixel_space.)?\]$"     # only model files this server does not have
+    assert all(re.search(lacking, e) for e in errors), errors
 
 
 def test_the_templates_hold_nested_and_bypassed_subgraphs():
@@ -156,7 +157,8 @@ def test_a_linked_subgraph_input_wins_over_its_widget(info):
     wf["links"].append([900, 900, 0, first["id"], seed_slot, "INT"])
     first["inputs"][seed_slot]["link"] = 900
     prompt = to_api(wf, info)
-    inner = next(nid for nid, n in prompt.items() if nid.startswith(f"{first['id']}:") and n["class_type"] == "KSampler")
+    inner = next(nid for nid, n in prompt.items()
+                 if nid.startswith(f"{first['id']}:") and n["class_type"] == "KSampler")
     assert prompt[inner]["inputs"]["seed"] == ["900", 0]
 
 

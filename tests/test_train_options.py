@@ -3,14 +3,40 @@ the DRaFT Train LoRA node's inputs: same names, defaults, ranges and choices, an
 import pytest
 
 from rewardlab.cli import build_parser
-from rewardlab.nodes.train_nodes import RewardLabDRaFTTrainLoRA
+from rewardlab.batch.widgets import widget_layout
+from rewardlab.nodes.train_nodes import RewardLabDRaFTOptions, RewardLabDRaFTTrainLoRA, advanced_options
 from rewardlab.training.draft import METHODS, DraftConfig
 from rewardlab.training.options import OPTIONS, config_from_options
 
 
 def node_specs():
+    """The train node's inputs and its DRaFT Options node's, together."""
     spec = RewardLabDRaFTTrainLoRA.INPUT_TYPES()
-    return {**spec["required"], **spec["optional"]}
+    return {**spec["required"], **spec["optional"], **RewardLabDRaFTOptions.INPUT_TYPES()["required"]}
+
+
+def test_the_table_says_which_node_shows_an_option():
+    """'node' options sit on DRaFT Train LoRA, 'node-optional' ones on DRaFT Options, which plugs into the train
+    node's options input: the train node stays compact."""
+    train = RewardLabDRaFTTrainLoRA.INPUT_TYPES()
+    options = RewardLabDRaFTOptions.INPUT_TYPES()["required"]
+    for o in OPTIONS:
+        on_train = o.input_name in train["required"] or o.input_name in train["optional"]
+        assert on_train == (o.ui == "node"), o.input_name
+        assert (o.input_name in options) == (o.ui == "node-optional"), o.input_name
+    assert train["optional"]["options"][0] == RewardLabDRaFTOptions.RETURN_TYPES[0]
+    widgets = widget_layout({"input": train}, "RewardLabDRaFTTrainLoRA")
+    assert len(widgets) <= 18, [w.name for w in widgets]
+
+
+def test_options_node_values_reach_the_trainer():
+    chosen = RewardLabDRaFTOptions().collect(**{**advanced_options(), "kl_weight": 0.5, "targets": "all",
+                                                "heldout_prompts": "a cat"})[0]
+    merged = advanced_options(chosen)
+    assert merged["kl_weight"] == 0.5 and merged["heldout_prompts"] == "a cat" and merged["resume"] is False
+    assert advanced_options()["kl_weight"] == DraftConfig().kl_weight
+    with pytest.raises(ValueError, match="unknown DRaFT options"):
+        advanced_options({"kl_wieght": 1.0})
 
 
 def test_every_node_option_is_a_node_input_with_the_config_default():

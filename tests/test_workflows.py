@@ -158,7 +158,8 @@ def test_size_estimates_cover_what_the_editor_draws(info):
     """The editor draws a row per socket pair, a row per widget and a text box per multiline string; the
     estimate must not be smaller (sizes measured in ComfyUI_frontend 1.27.10 for these nodes)."""
     measured = {"RewardLabRankImages": (400, 220), "RewardLabReNOOptimiseNoise": (400, 620),
-                "RewardLabDRaFTTrainLoRA": (400, 962), "RewardLabScheduledGuider": (274, 358),
+                "RewardLabDRaFTTrainLoRA": (400, 616), "RewardLabDRaFTOptions": (400, 400),
+                "RewardLabScheduledGuider": (274, 358), "KarrasScheduler": (270, 130),
                 "KSampler": (270, 262), "CLIPTextEncode": (400, 200), "RewardLabGuidanceKeyframes": (400, 200)}
     for kind, (w, h) in measured.items():
         spec = info[kind]

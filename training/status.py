@@ -3,8 +3,8 @@
 A trainer makes a fresh run id for every training run and calls ``start(run_id, name=...)`` once: that drops
 what earlier runs of the same name (the LoRA's name) left, so a reused name starts from a clean status. Then
 ``update(run_id, step=..., total=..., reward=..., last_checkpoint=...)`` (any JSON-able fields; ``record=`` a step
-log dict is unpacked into its numbers) and ``finish(run_id, status=...)``. ``latest(name)`` finds a run by name. Thread-safe: ComfyUI runs nodes in a worker thread
-while the server reads from its event loop.
+log dict is unpacked into its numbers) and ``finish(run_id, status=...)``. ``latest(name)`` finds a run by name.
+Thread-safe: ComfyUI runs nodes in a worker thread while the server reads from its event loop.
 """
 import copy
 import math

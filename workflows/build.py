@@ -537,13 +537,20 @@ def cads():
     return g
 
 
-def draft_trainer(g, ckpt, reward, name, prompts):
+def draft_trainer(g, ckpt, reward, name, prompts, options=None):
     """DRaFT Train LoRA with the literature defaults (DRaFT-K, K=1, rank 8, lr 4e-4), each training prompt encoded
-    by the checkpoint's CLIP; saves output/loras/<name>.safetensors."""
+    by the checkpoint's CLIP; saves output/loras/<name>.safetensors. ``options``: a DRaFT Options node."""
+    extra = {"options": options[0]} if options is not None else {}
     return g.add("RewardLabDRaFTTrainLoRA", model=ckpt[0], vae=ckpt[2], reward=reward, clip=ckpt[1],
                  prompts=prompts, sampler="euler", scheduler="normal", steps=20, cfg=7.5, width=512, height=512,
                  batch_size=4, method="DRaFT-K", k=1, learning_rate=4e-4, rank=8, training_steps=100,
-                 save_every=50, name=name, seed=0)
+                 save_every=50, name=name, seed=0, **extra)
+
+
+def draft_options(g, heldout):
+    """DRaFT Options with held-out prompts scored every 25 steps (the reward-hacking monitor) and early stopping
+    after 2 scores without improvement; the rest at the defaults."""
+    return g.add("RewardLabDRaFTOptions", heldout_prompts=heldout, heldout_every=25, early_stop_patience=2)
 
 
 def sample_and_save(g, model, pos, neg, latent, vae, prefix, title=None):
@@ -559,7 +566,8 @@ def draft_train_lora():
     g = Graph("draft_train_lora", draft_train_lora.title, note=(
         "DRaFT: train a reward LoRA by backpropagating a differentiable reward through sampling, then use it.\n\n"
         "1. Pick your SD1.5 checkpoint. The reward here is weight-free (colourfulness); swap in Load Reward Model "
-        "for a learned one. Training prompts: one per line.\n"
+        "for a learned one. Training prompts: one per line. DRaFT Options holds the advanced settings: here "
+        "held-out prompts, scored every 25 steps, stop training when they stop improving.\n"
         "2. Queue: the LoRA is saved as output/loras/rewardlab_draft.safetensors every 50 steps; the trained MODEL "
         "goes straight into a KSampler, and Apply Reward LoRA uses the same LoRA at half strength (less reward, "
         "closer to the base model). The curve shows reward and loss per step.\n"
@@ -568,9 +576,10 @@ def draft_train_lora():
         "training that branch would fail validation (ComfyUI skips it and reports an error)."))
     ckpt, pos, neg, latent, _ = txt2img(g, "a bouquet of wildflowers in a glass vase, photo")
     reward = g.add("RewardLabWeightFreeReward", kind="colourfulness")
+    options = draft_options(g, "a lighthouse on a cliff at dusk\na plate of pasta on a wooden table")
     train = draft_trainer(g, ckpt, reward[0], "rewardlab_draft",
                           "a bouquet of wildflowers in a glass vase, photo\na street market at dusk\n"
-                          "a portrait of an old fisherman\na bowl of fruit on a table")
+                          "a portrait of an old fisherman\na bowl of fruit on a table", options)
     g.add("PreviewImage", "Reward curve", images=train[2])
     g.add("PreviewImage", "Last training batch", images=train[3])
     sample_and_save(g, train[0], pos, neg, latent, ckpt[2], "rewardlab/draft", "KSampler (trained model)")
@@ -582,7 +591,7 @@ def draft_train_lora():
     after = [from_file] + sample_and_save(g, from_file[0], pos, neg, latent, ckpt[2], "rewardlab/draft_from_file",
                                           "KSampler (LoRA from file)")
     g.mute(*after)
-    g.group("DRaFT training", reward, train)
+    g.group("DRaFT training", reward, options, train)
     g.group("After training: the saved LoRA via the stock loader (muted)", *after)
     return g
 
@@ -592,7 +601,8 @@ def mix_reward_loras():
     g = Graph("mix_reward_loras", mix_reward_loras.title, note=(
         "Mix two reward LoRAs: alpha_1 * dW1 + alpha_2 * dW2 on one MODEL (DRaFT's LoRA mixing).\n\n"
         "Two DRaFT Train LoRA nodes make the LoRAs (weight-free rewards: colourfulness and JPEG compressibility; "
-        "swap in Load Reward Model for learned ones), Mix Reward LoRAs merges them onto the checkpoint's MODEL, "
+        "swap in Load Reward Model for learned ones; one DRaFT Options node sets both), Mix Reward LoRAs merges "
+        "them onto the checkpoint's MODEL, "
         "and Save Reward LoRA writes the mix to output/loras/rewardlab_mix.safetensors. Try alpha in [0, 1] to "
         "interpolate, > 1 to extrapolate, < 0 to move away. LoRAs already on disk: chain two stock "
         "LoraLoaderModelOnly nodes with strengths alpha_1 and alpha_2 instead (the same sum of dW)."))
@@ -600,13 +610,14 @@ def mix_reward_loras():
     prompts = "a cottage garden in summer, photo\na city skyline at night\na cat sleeping on a sofa"
     colourful = g.add("RewardLabWeightFreeReward", "Reward 1: colourfulness", kind="colourfulness")
     compressible = g.add("RewardLabWeightFreeReward", "Reward 2: JPEG compressibility", kind="jpeg-compressibility")
-    lora_1 = draft_trainer(g, ckpt, colourful[0], "rewardlab_colourful", prompts)
-    lora_2 = draft_trainer(g, ckpt, compressible[0], "rewardlab_compressible", prompts)
+    options = draft_options(g, "a mountain lake at noon\na red bicycle against a wall")
+    lora_1 = draft_trainer(g, ckpt, colourful[0], "rewardlab_colourful", prompts, options)
+    lora_2 = draft_trainer(g, ckpt, compressible[0], "rewardlab_compressible", prompts, options)
     mix = g.add("RewardLabMixRewardLoRAs", model=ckpt[0], lora_1=lora_1[1], alpha_1=1.0, lora_2=lora_2[1],
                 alpha_2=0.5)
     g.add("RewardLabSaveRewardLoRA", lora=mix[1], name="rewardlab_mix")
     sample_and_save(g, mix[0], pos, neg, latent, ckpt[2], "rewardlab/mix")
-    g.group("Reward LoRAs", colourful, compressible, lora_1, lora_2, mix)
+    g.group("Reward LoRAs", colourful, compressible, options, lora_1, lora_2, mix)
     return g
 
 

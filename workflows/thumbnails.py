@@ -76,9 +76,9 @@ def caption(img, text, y=10):
     return img
 
 
-def plot(series, title, xlabel, x=None, markers=None):
+def plot(series, title, xlabel, x=None, markers=None, ylabel="cfg"):
     """A line plot (plots.line_plot) as a thumbnail-sized PIL image."""
-    arr = line_plot(series, title=title, xlabel=xlabel, ylabel="cfg", x=x, markers=markers, size=SIZE)[0]
+    arr = line_plot(series, title=title, xlabel=xlabel, ylabel=ylabel, x=x, markers=markers, size=SIZE)[0]
     return Image.fromarray((arr.numpy() * 255).round().astype(np.uint8))
 
 
@@ -157,16 +157,23 @@ def inspect_rewards():
     return caption(tiles(torch.cat([images, overlay]), 4), "samples and where the reward's gradient points")
 
 
+def yellow_reward():
+    """Weight-free: how close the image is to yellow (the tiny model draws a red circle on blue for PROMPT, so
+    optimising towards yellow shows)."""
+    return build_simple("yellow", {"kind": "target_colour", "colour": (1.0, 1.0, 0.0)})
+
+
 @thumbnail
 def reno_noise():
     from rewardlab.noise import reno
-    c, reward = chain(steps=2), red_reward()
+    c, reward = chain(steps=2), yellow_reward()
     eps = tiny().initial_noise(1, seed=3)
     with torch.no_grad():
         before = c.images(c.run(eps).x)
-    res = reno(c, reward, eps, iterations=12, lr=5.0)
+    res = reno(c, reward, eps, iterations=16, lr=20.0)
     return side_by_side(before[0], res.images[0], f"seed's noise  {float(reward(before, [PROMPT])):.3f}",
-                        f"optimised noise  {float(res.reward[0]):.3f}", "ReNO: gradient ascent on the starting noise")
+                        f"optimised noise  {float(res.reward[0]):.3f}",
+                        "ReNO: the starting noise optimised for a 'yellow' reward")
 
 
 @thumbnail
@@ -214,28 +221,27 @@ def guidance_model_patch():
 
 @thumbnail
 def reward_guidance():
-    reward = red_reward()
+    reward = yellow_reward()
 
     def score(images):
         return reward(images, [PROMPT] * images.shape[0])
 
     plain = guided_sample(PROMPT, seed=5, cfg=3.0)
-    steered = guided_sample(PROMPT, seed=5, cfg=3.0,
-                            reward=g.RewardGuidance(score, decode=tiny().decode, strength=60.0, start=0.0, end=0.8))
+    steered = guided_sample(PROMPT, seed=5, cfg=3.0, reward=g.RewardGuidance(
+        score, decode=tiny().decode, strength=3000.0, start=0.0, end=0.8))
     return side_by_side(plain[0], steered[0], f"CFG only  {float(score(plain)):.3f}",
-                        f"+ reward guidance  {float(score(steered)):.3f}", "the same seed, steered by a reward")
+                        f"+ reward guidance  {float(score(steered)):.3f}",
+                        "the same seed, steered towards a 'yellow' reward")
 
 
 @thumbnail
 def cads():
-    prompt = "a green square on a yellow background"
-    plain = torch.cat([guided_sample(prompt, s, cfg=9.0) for s in range(4)])
-    annealed = torch.cat([guided_sample(prompt, s, cfg=9.0, cond_ops=(g.CADS(0.6, 0.9, 0.5, 1.0, seed=s),))
-                          for s in range(4)])
-    img = tiles(torch.cat([plain, annealed]), 4, top=40)
-    d = ImageDraw.Draw(img)
-    d.text((12, 10), "cfg 9: plain (top) and CADS (bottom), same seeds", fill=INK)
-    return img
+    run = run_info()
+    cads_ = g.CADS(tau1=0.6, tau2=0.9, noise_scale=0.25, psi=1.0)
+    gammas = [cads_.gamma(c) for c in run.contexts()]
+    series = {"gamma (share of the condition)": gammas,
+              "noise on the condition": [cads_.noise_scale * (1 - v) ** 0.5 for v in gammas]}
+    return plot(series, "CADS: the condition is noised early, clean from tau1 on", "step", ylabel="weight")
 
 
 _DRAFT = {}
@@ -250,24 +256,16 @@ def draft_demo():
     return _DRAFT["summary"]
 
 
-def first_tile(path, columns):
-    with Image.open(path) as grid:
-        w, h = grid.size
-        side = w // columns
-        return torch.from_numpy(np.asarray(grid.convert("RGB").crop((0, 0, side, h)), dtype=np.float32) / 255.0
-                                ).permute(2, 0, 1)
-
-
 @thumbnail
 def draft_train_lora():
     s = draft_demo()
     img = canvas()
     with Image.open(s["curve"]) as curve:
-        img.paste(curve.convert("RGB").resize((SIZE[0], 230)), (0, 130))
+        img.paste(curve.convert("RGB").resize((SIZE[0], 180)), (0, 180))
     for k, (key, label) in enumerate((("before", "before"), ("after", "after training"))):
         with Image.open(s[key]) as grid:
-            img.paste(grid.convert("RGB").resize((220, 55 * 220 // 220)), (12 + k * 236, 40))
-        ImageDraw.Draw(img).text((12 + k * 236, 100), label, fill=BEST if k else INK)
+            img.paste(grid.convert("RGB").resize((220, 110), Image.NEAREST), (12 + k * 236, 34))
+        ImageDraw.Draw(img).text((12 + k * 236, 148), label, fill=BEST if k else INK)
     return caption(img, f"DRaFT on colourfulness: reward {s['reward_before']:.3f} -> {s['reward_after']:.3f}")
 
 
@@ -316,20 +314,12 @@ def main(argv=None):
         if name not in THUMBNAILS:
             raise SystemExit(f"unknown workflow {name!r}; known: {', '.join(sorted(THUMBNAILS))}")
         torch.manual_seed(0)
-        with torch.no_grad() if name not in ("inspect_rewards", "reno_noise", "reward_guidance") else _null():
-            image = THUMBNAILS[name]()
+        image = THUMBNAILS[name]()
         path = os.path.join(ROOT, "example_workflows", f"{titles[name]}.jpg")
         image.convert("RGB").save(path, quality=88)
         print(f"written: {os.path.relpath(path, ROOT)}")
     return 0
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -204,11 +204,10 @@ class ComfyServer:
         raise TimeoutError(f"prompt {pid} did not finish within {timeout} s:\n{self.log()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(model_files, tmp_path_factory):
+def start_server(root, model_files):
     """`main.py --cpu` on a free loopback port, with this repo symlinked into a custom_nodes dir given by an
-    extra_model_paths yaml (plus the fixture model folders). Stopped at session end."""
-    root = tmp_path_factory.mktemp("comfy_server")
+    extra_model_paths yaml (plus the fixture model folders), everything else under ``root``. Returns a ComfyServer
+    once it answers; stop it with ``stop_server``."""
     for sub in ("custom_nodes", "user", "input", "output"):
         (root / sub).mkdir()
     os.symlink(REPO, root / "custom_nodes" / "rewardlab")
@@ -226,23 +225,36 @@ def server(model_files, tmp_path_factory):
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = ComfyServer(f"http://127.0.0.1:{port}", proc, log_path, root / "output")
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-3000:]}")
+        try:
+            _get(srv.url + "/system_stats", timeout=2)
+            return srv
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_server(srv)
+                raise RuntimeError(f"ComfyUI did not start within 180 s:\n{srv.log()[-3000:]}")
+            time.sleep(0.5)
+
+
+def stop_server(srv):
+    if srv.proc.poll() is not None:
+        return
+    srv.proc.terminate()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{srv.log()[-3000:]}")
-            try:
-                _get(srv.url + "/system_stats", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start within 180 s:\n{srv.log()[-3000:]}")
-                time.sleep(0.5)
+        srv.proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(model_files, tmp_path_factory):
+    """A headless ComfyUI with the pack (start_server), stopped at session end."""
+    srv = start_server(tmp_path_factory.mktemp("comfy_server"), model_files)
+    try:
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(srv)

@@ -133,7 +133,8 @@ async () => {
   const r = window.__rl; app.graph.clear();
   const g = r.txt2img(0, 0);
   const {ks, dec} = r.sampler(g, 900, 0, 77, 5);
-  const save = r.add('SaveImage', 1600, 0, {filename_prefix: 'rl/%date:yyyy-MM-dd%/%KSampler.seed%_%Empty Latent Image.width%'});
+  const prefix = 'rl/%date:yyyy-MM-dd%/%KSampler.seed%_%Empty Latent Image.width%';
+  const save = r.add('SaveImage', 1600, 0, {filename_prefix: prefix});
   dec.connect(0, save, 0);
   const mask = r.add('LoadImageMask', 0, 900, {image: 'example.png', channel: 'green'});
   const masked = r.add('SetLatentNoiseMask', 400, 900);
@@ -248,7 +249,7 @@ def record_templates(url, paths, out_dir=TEMPLATES, source=""):
         info = json.loads(r.read())
     os.makedirs(out_dir, exist_ok=True)
     with Editor(url) as editor:
-        frontend = editor.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || null")
+        frontend = editor.graph_to_prompt()["workflow"].get("extra", {}).get("frontendVersion")
         for path in paths:
             with open(path, encoding="utf-8") as f:
                 workflow = json.load(f)
@@ -270,9 +271,9 @@ def record(url, out_dir=FIXTURES):
         info = json.loads(r.read())
     cases = {}
     with Editor(url) as editor:
-        frontend = editor.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || null")
         for name in CASES:
             cases[name] = record_case(editor, name)
+        frontend = cases[name]["exported"].get("extra", {}).get("frontendVersion")
     os.makedirs(out_dir, exist_ok=True)
     for name, case in cases.items():
         case["frontend"] = frontend
