@@ -207,7 +207,7 @@ def test_cli_runs_an_editor_workflow(tmp_path):
     """An editor-format file is converted with the server's /object_info, then swept by title."""
     from rewardlab.batch.validate import PACK_ROOT
 
-    editor = os.path.join(PACK_ROOT, "example_workflows", "score_and_rank.json")
+    editor = os.path.join(PACK_ROOT, "example_workflows", "Score and rank a batch with a reward model.json")
     out = tmp_path / "out"
     with ThreadedServer() as srv:
         code = cli.main([editor, "--server", srv.url, "--set", "Load Checkpoint.ckpt_name=tiny.safetensors",
