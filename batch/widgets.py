@@ -50,6 +50,7 @@ FRONTEND_EXTENSION_LAYOUTS = {
     "WebcamCapture": [("image", "image", "value"), ("width", "width", "value"), ("height", "height", "value"),
                       ("capture_on_queue", "capture_on_queue", "value"),
                       ("waiting for camera...", None, "button")],
+    "PreviewAny": [("preview", None, "ui")],     # a text box showing the value; not saved
 }
 
 
@@ -66,7 +67,7 @@ class Widget:
     """One widget of a node in the editor. ``input`` is the node input it sets (None: UI only, never sent)."""
     name: str
     input: str = None
-    kind: str = "value"          # value | control | filter | upload | toggle | button | viewer | ui
+    kind: str = "value"          # value | control | filter | upload | toggle | button | viewer | ui (unsaved display)
     type: object = None          # the input's type (a list for old-style combos)
     opts: dict = field(default_factory=dict, compare=False, hash=False)
     saved: bool = True           # has a slot in widgets_values
@@ -157,7 +158,7 @@ def widget_layout(info, class_type=None, extensions=True):
     ``extensions=False`` leaves out the inputs the frontend's extensions add (for specs that already hold them)."""
     if class_type in FRONTEND_EXTENSION_LAYOUTS:
         specs = {name: (typ, opts) for name, typ, opts, _ in ordered_inputs(info, class_type)}
-        return [Widget(name, inp, kind, *specs.get(inp or "", (None, {})))
+        return [Widget(name, inp, kind, *specs.get(inp or "", (None, {})), saved=kind != "ui")
                 for name, inp, kind in FRONTEND_EXTENSION_LAYOUTS[class_type]]
     widgets = []
     for name, typ, opts, _ in ordered_inputs(info, class_type, with_extensions=extensions):

@@ -160,7 +160,8 @@ def test_size_estimates_cover_what_the_editor_draws(info):
     measured = {"RewardLabRankImages": (400, 220), "RewardLabReNOOptimiseNoise": (400, 620),
                 "RewardLabDRaFTTrainLoRA": (400, 616), "RewardLabDRaFTOptions": (400, 400),
                 "RewardLabScheduledGuider": (274, 358), "KarrasScheduler": (270, 130),
-                "KSampler": (270, 262), "CLIPTextEncode": (400, 200), "RewardLabGuidanceKeyframes": (400, 200)}
+                "KSampler": (270, 262), "CLIPTextEncode": (400, 200), "RewardLabGuidanceKeyframes": (400, 200),
+                "PreviewAny": (320, 88)}
     for kind, (w, h) in measured.items():
         spec = info[kind]
         sockets = [n for n, t, o in BUILD.input_specs(spec) if not BUILD.is_widget(t, o)]

@@ -61,10 +61,10 @@ GAP_X, GAP_Y, GROUP_PAD, GROUP_HEADER, NOTE_SIZE = 60, 40, 20, 50, (560, 230)
 
 def node_size(spec, class_type, inputs):
     """[width, height] the editor will give a node, estimated with margin from its sockets and widgets: a slot
-    row per socket (inputs and outputs side by side), a widget row per widget, a text box per multiline string
-    (a node with one is at least 200 px high in the editor)."""
+    row per socket (inputs and outputs side by side), a widget row per widget, a text box per multiline string or
+    display (PreviewAny's text; a node with one is at least 200 px high in the editor)."""
     widgets = widget_layout(spec, class_type)
-    boxes = sum(1 for w in widgets if w.kind == "value" and (w.opts or {}).get("multiline"))
+    boxes = sum(1 for w in widgets if (w.kind == "value" and (w.opts or {}).get("multiline")) or w.kind == "ui")
     rows = len(widgets) - boxes
     slots = max(len(inputs), len(spec.get("output") or []))
     width = 400 if boxes else 320
