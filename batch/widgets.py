@@ -242,8 +242,9 @@ def aligned_values(saved, layout):
 
 def value_problem(widget, value):
     """Why a saved value cannot belong to this widget (a sign of shifted values), else None."""
-    if widget.kind == "control":
-        return None if value in CONTROL_VALUES else f"{value!r} is not a control_after_generate mode"
+    if widget.kind == "control":   # (old editors saved a true/false 'randomize' toggle here)
+        ok = value in CONTROL_VALUES or isinstance(value, bool)
+        return None if ok else f"{value!r} is not a control_after_generate mode"
     if widget.kind != "value" or value is None:
         return None
     kind = widget_type(widget.type, widget.opts)

@@ -186,11 +186,13 @@ class ComfyServer:
         return json.loads(_get(self.url + route))
 
     def post_json(self, route, payload):
+        """POST JSON; the JSON answer, or None for an empty one (POST /queue, /interrupt)."""
         import json
         req = urllib.request.Request(self.url + route, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
+            body = r.read()
+        return json.loads(body) if body.strip() else None
 
     def run_prompt(self, prompt, timeout=300):
         """POST an API-format prompt and wait for its history entry; returns that entry."""
@@ -209,7 +211,7 @@ def start_server(root, model_files):
     extra_model_paths yaml (plus the fixture model folders), everything else under ``root``. Returns a ComfyServer
     once it answers; stop it with ``stop_server``."""
     for sub in ("custom_nodes", "user", "input", "output"):
-        (root / sub).mkdir()
+        (root / sub).mkdir(parents=True)
     os.symlink(REPO, root / "custom_nodes" / "rewardlab")
     yaml = root / "extra_model_paths.yaml"
     yaml.write_text(f"rewardlab_test:\n  base_path: {model_files}\n  diffusion_models: diffusion_models\n"

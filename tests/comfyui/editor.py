@@ -66,8 +66,8 @@ class Editor:
         self.page = self.browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
         self.console = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
-        self.failed_requests = []
-        self.page.on("response", lambda r: r.status >= 400 and self.failed_requests.append((r.status, r.url)))
+        self.responses = []          # (status, url) of every response the page received
+        self.page.on("response", lambda r: self.responses.append((r.status, r.url)))
         self.page.goto(self.url, timeout=timeout_s * 1000)
         self.page.wait_for_function(
             "window.app && window.app.graph && window.LiteGraph && "
@@ -83,6 +83,10 @@ class Editor:
     def close(self):
         self.browser.close()
         self._pw.stop()
+
+    @property
+    def failed_requests(self):
+        return [(status, url) for status, url in self.responses if status >= 400]
 
     def evaluate(self, script, arg=None):
         return self.page.evaluate(script, arg)

@@ -183,6 +183,7 @@ AFTER_DIALOG = {"legacy_group_node": """
 
 def build(editor, name):
     """Build case ``name`` in the live editor."""
+    editor.close_dialogs()
     editor.evaluate(HELPERS)
     if name in NEEDS_NAME_DIALOG:
         editor.evaluate(f"() => {{ ({CASES[name].strip()})(); return 1; }}")   # the name dialog blocks the command

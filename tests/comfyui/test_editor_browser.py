@@ -13,6 +13,8 @@ import datetime
 import glob
 import json
 import os
+import urllib.request
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -73,22 +75,30 @@ def test_example_workflow_in_the_editor(editor, path):
 
 
 def test_template_browser_shows_the_pack_with_thumbnails(editor, server):
+    """The browser lists the pack under its translated name (locales/en/main.json), each workflow by its title,
+    with its thumbnail."""
     listed = server.get_json("/api/workflow_templates")
     names = sorted(os.path.basename(p)[:-5] for p in EXAMPLES)
     pack = next(k for k, v in listed.items() if sorted(v) == names)
-    editor.failed_requests.clear()
-    editor.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    with open(os.path.join(REPO, "locales", "en", "main.json"), encoding="utf-8") as f:
+        label = json.load(f)["templateWorkflows"]["category"][pack]
+    editor.close_dialogs()
+    editor.responses.clear()
+    editor.evaluate("() => { app.extensionManager.command.execute('Comfy.BrowseTemplates'); return 1; }")
     editor.page.wait_for_selector("text=Custom Nodes", timeout=30000)
-    editor.page.get_by_text(pack, exact=True).first.click()
-    editor.page.wait_for_timeout(1500)
-    loaded = editor.evaluate("""() => [...document.querySelectorAll('img')]
-        .filter(i => i.src.includes('/workflow_templates/'))
-        .map(i => ({src: decodeURIComponent(i.src), ok: i.complete && i.naturalWidth > 0}))""")
+    editor.page.get_by_text(label, exact=True).first.click()
+    editor.page.wait_for_timeout(2000)
+    shown = editor.evaluate("""() => [...document.querySelectorAll('img')]
+        .filter(i => i.src.startsWith('blob:') && i.complete).map(i => [i.naturalWidth, i.naturalHeight])""")
     shot(editor, "template browser")
-    thumbs = {os.path.basename(i["src"])[:-4]: i["ok"] for i in loaded}
-    assert sorted(thumbs) == names and all(thumbs.values()), thumbs
-    assert not [r for r in editor.failed_requests if "/workflow_templates/" in r[1]]
-    editor.page.keyboard.press("Escape")
+    editor.close_dialogs()
+    asked = {os.path.basename(unquote(url))[:-4]: status for status, url in editor.responses
+             if "/workflow_templates/" in url and url.endswith(".jpg")}
+    assert asked and set(asked) <= set(names) and set(asked.values()) == {200}, asked
+    assert [480, 360] in shown            # the cards in view show our thumbnails (workflows/thumbnails.py size)
+    for name in names:   # every thumbnail the browser would ask for, cards out of view included
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{pack}/{quote(name)}.jpg") as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"     # a JPEG
 
 
 def test_widget_layouts_match_the_editor(editor, server):

@@ -13,6 +13,7 @@ import collections
 import glob
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +22,7 @@ import pytest
 
 from rewardlab.batch.convert import WorkflowError, convert, is_editor_format
 
+FILE_NAME = re.compile(r"\.[A-Za-z0-9]{2,12}$")   # a file name: models, images, audio
 CONVERSION_ERRORS = {"required_input_missing", "invalid_input_type", "return_type_mismatch", "bad_linked_input",
                      "value_smaller_than_min", "value_bigger_than_max", "exception_during_inner_validation"}
 
@@ -54,19 +56,39 @@ def post_prompt(server, prompt):
 
 
 def objections(answer, prompt, info):
-    """(conversion-class errors, other errors) of a /prompt answer."""
-    conversion, other = [], []
+    """(conversion-class errors, options this server's version lacks, other errors) of a /prompt answer. A
+    combo value 'not in list' is a conversion error when it looks shifted: a number or true/false, a UI widget's
+    value, or an option of another input of the node. A file name only means this test server lacks the file; any
+    other word is an option a newer ComfyUI added to that input."""
+    conversion, newer, other = [], [], []
     for nid, entry in (answer.get("node_errors") or {}).items():
         for err in entry.get("errors", []):
             line = f"{nid} ({entry.get('class_type')}): {err.get('type')} {err.get('details')}"
             kind = err.get("type")
             if kind == "value_not_in_list" and not _is_file_combo(prompt, nid, err, info):
-                conversion.append(line)
+                (conversion if _looks_shifted(prompt, nid, err, info) else newer).append(line)
             elif kind in CONVERSION_ERRORS:
                 conversion.append(line)
             else:
                 other.append(line)
-    return conversion, other
+    return conversion, newer, other
+
+
+UI_VALUES = {"fixed", "increment", "increment-wrap", "decrement", "randomize", "image", ""}
+
+
+def _looks_shifted(prompt, nid, err, info):
+    value = (err.get("extra_info") or {}).get("received_value")
+    if not isinstance(value, str) or value in UI_VALUES:
+        return True
+    name = (err.get("extra_info") or {}).get("input_name")
+    spec = info.get(prompt[nid]["class_type"], {}).get("input", {})
+    for section in ("required", "optional"):
+        for other, entry in (spec.get(section) or {}).items():
+            options = entry[0] if isinstance(entry[0], list) else (entry[1] if len(entry) > 1 else {}).get("options")
+            if other != name and isinstance(options, list) and value in options:
+                return True
+    return False
 
 
 def _is_file_combo(prompt, nid, err, info):
@@ -78,7 +100,7 @@ def _is_file_combo(prompt, nid, err, info):
         return False
     options = entry[0] if isinstance(entry[0], list) else (entry[1] if len(entry) > 1 else {}).get("options", [])
     value = str((err.get("extra_info") or {}).get("received_value", ""))
-    return not options or "." in value[-6:] or any("." in str(o)[-6:] for o in options)
+    return not options or any(FILE_NAME.search(str(v)) for v in [value, *options])
 
 
 def test_official_templates_convert_and_pass_the_servers_validation(server, capsys):
@@ -107,9 +129,12 @@ def test_official_templates_convert_and_pass_the_servers_validation(server, caps
             continue
         counts[f"converted {key}"] += 1
         status, answer = post_prompt(server, prompt)
-        conversion, other = objections(answer, prompt, info)
+        conversion, newer, other = objections(answer, prompt, info)
         if conversion:
             bad[os.path.basename(path)] = conversion
+        elif newer:
+            counts[f"/prompt: options only a newer ComfyUI has {key}"] += 1
+            reasons["/prompt: " + newer[0].split(": ", 1)[1][:100]] += 1
         elif status == 200 or other or answer.get("error", {}).get("type") == "prompt_outputs_failed_validation":
             counts[f"validated by /prompt {key}"] += 1
         else:
