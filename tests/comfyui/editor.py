@@ -133,10 +133,7 @@ class Editor:
         return path
 
     def fit_view(self):
-        """Zoom the canvas so the whole graph is visible (the editor's 'fit view')."""
-        self.evaluate("() => { const c = app.canvas; if (c.ds && c.visible_area) { "
-                      "(c.fitViewToSelectionAnimated ? null : null); } "
-                      "if (app.canvas.fitViewToSelection) { app.canvas.selectItems && app.canvas.selectItems(); "
-                      "app.canvas.fitViewToSelection(); app.canvas.deselectAll && app.canvas.deselectAll(); } "
-                      "app.canvas.setDirty(true, true); }")
-        self.page.wait_for_timeout(300)
+        """Zoom the canvas so the whole graph is visible (the editor's 'Zoom to fit' command)."""
+        self.evaluate("() => { app.canvas.deselectAll(); "
+                      "app.extensionManager.command.execute('Comfy.Canvas.FitView'); return 1; }")
+        self.page.wait_for_timeout(900)

@@ -73,5 +73,8 @@ def test_a_sweep_over_two_servers_survives_one_being_killed(server, model_files,
         assert set(by_server[second.url]) <= set(saved_prefixes(second))
         err = capsys.readouterr().err
         assert "not answering" in err and second.url.split("://")[1] in err
+        with capsys.disabled():
+            print(f"\nruns per server: first {by_server[server.url]}, killed {by_server[second.url]}; "
+                  f"images on the killed one: {saved_prefixes(second)}")
     finally:
         stop_server(second)
