@@ -1,7 +1,9 @@
 """DRaFT LoRA training nodes: train a reward LoRA on a ComfyUI MODEL, apply / mix / save reward LoRAs.
 
 Training is the host-free trainer (training/draft.py) on the ComfyUI bundle (host/bundle.py). The LoRA is saved in
-ComfyUI's key format under output/loras/, where the stock LoraLoader lists it.
+ComfyUI's key format under output/loras/, where the stock LoraLoader lists it; the training state goes to
+output/rewardlab_state/, which no LoRA loader lists. An existing LoRA is replaced only when 'overwrite' is on;
+otherwise the next free numbered name is used (as SaveImage does) and reported.
 """
 import os
 
@@ -20,6 +22,32 @@ from ..training.lora import mix_lora_state_dicts
 from ..training.options import config_from_options, node_inputs
 
 CATEGORY = "RewardLab/Training"
+NAME_TOOLTIP = ("File name under output/loras/ ('folder/name' for a subfolder). Letters, digits, spaces, '-', '_' and "
+                "'.'; no '..'. If a LoRA of that name exists, a numbered name (name_00001) is used unless 'overwrite' "
+                "is on.")
+OVERWRITE_TOOLTIP = ("Replace an existing LoRA of this name (and drop its training state). Off: a free numbered name "
+                     "is used instead, so no earlier run is ever lost.")
+
+
+def training_prompts(text, clip, reward):
+    """The prompt lines; an empty box is an error when the prompts are used (CLIP encodes them, or the reward
+    reads text). With a fixed CONDITIONING and an image-only reward they are never read."""
+    lines = prompt_lines(text)
+    if lines:
+        return lines
+    if clip is not None or getattr(reward, "needs_text", False):
+        user = "CLIP encodes them" if clip is not None else f"the reward {getattr(reward, 'name', '')!r} reads text"
+        raise ValueError(f"DRaFT Train LoRA: the prompts box is empty, but {user}: write at least one training "
+                         "prompt (one per line)")
+    return [""]
+
+
+def run_files_to_write(files, resume=False, overwrite=False):
+    """Where a LoRA goes: its own name when free, when resuming it, or when overwriting it; else the next free
+    numbered name. State files of older versions are first moved out of output/loras/ (LoraLoader lists them)."""
+    ckpt.move_legacy_states(os.path.join(files.root, files.lora_folder), os.path.join(files.root, ckpt.STATE_FOLDER))
+    chosen = files if (resume or overwrite) else files.next_free()
+    return chosen.prepare()
 
 
 # --- nodes --------------------------------------------------------------------------------------------------------
@@ -31,12 +59,14 @@ class RewardLabDRaFTTrainLoRA:
                    "'save_every' steps (stock LoraLoader lists it); returns the MODEL with the LoRA applied.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "lora", "curve", "preview")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "lora", "curve", "preview", "lora_name")
     OUTPUT_TOOLTIPS = ("The input MODEL with the trained LoRA merged at strength 1 (ready for KSampler).",
                        "The trained LoRA (ComfyUI keys) for Apply / Mix / Save Reward LoRA.",
                        "Reward and loss per training step (and the held-out reward when scored).",
-                       "The last training batch's images.")
+                       "The last training batch's images.",
+                       "The file the LoRA was saved as, as LoraLoader lists it (a numbered name when 'name' was "
+                       "taken).")
     NOT_IDEMPOTENT = True
 
     @classmethod
@@ -61,8 +91,7 @@ class RewardLabDRaFTTrainLoRA:
                 "batch_size": opts.pop("batch_size"),
                 "method": opts.pop("method"),
                 **{k: opts.pop(k) for k in ("k", "lv_n", "learning_rate", "rank", "training_steps", "save_every")},
-                "name": ("STRING", {"default": "rewardlab_draft",
-                                    "tooltip": "File name under output/loras/ (no folders; '../' is removed)."}),
+                "name": ("STRING", {"default": "rewardlab_draft", "tooltip": NAME_TOOLTIP}),
                 **opts,                # seed
             },
             "optional": {
@@ -75,18 +104,22 @@ class RewardLabDRaFTTrainLoRA:
                                                           "(reward-hacking monitor; needs CLIP to differ)."}),
                 **node_inputs(optional=True),
                 "resume": ("BOOLEAN", {"default": False,
-                                       "tooltip": "Continue from output/loras/<name> and its .state.pt if present."}),
+                                       "tooltip": "Continue from output/loras/<name> and its training state "
+                                                  "(output/rewardlab_state/<name>.state.pt) if present."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
             },
         }
 
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
-              negative=None, clip=None, heldout_prompts="", resume=False, **options):
-        lines = prompt_lines(prompts) or [""]
+              negative=None, clip=None, heldout_prompts="", resume=False, overwrite=False, **options):
+        files = ckpt.run_files(name)                  # every check runs before any work: a bad name fails here
+        lines = training_prompts(prompts, clip, reward)
         held = prompt_lines(heldout_prompts)
         if not held:
             options["heldout_every"] = 0
         config = config_from_options(options, sampler=sampler, scheduler=scheduler)
-        path = ckpt.output_lora_path(name)
+        files = run_files_to_write(files, resume=resume, overwrite=overwrite)
+        path = files.lora
         bundle = ComfyBundle(model, vae, width, height, positive, negative, clip)
         pbar = runtime.current().progress(config.train_steps)
 
@@ -96,7 +129,7 @@ class RewardLabDRaFTTrainLoRA:
 
         with grad_enabled():
             trainer = Trainer(bundle, reward, config, prompts=lines, heldout=held, lora_path=path, on_step=on_step,
-                              cancel=runtime.current().interrupted, run_id=os.path.basename(path))
+                              cancel=runtime.current().interrupted, run_id=files.listed_name, state_path=files.state)
             try:
                 if resume and os.path.exists(path):
                     trainer.resume()
@@ -111,7 +144,8 @@ class RewardLabDRaFTTrainLoRA:
             log, images = trainer.log, trainer.last_images
         trained = apply_lora_state_dict(model, lora, 1.0)
         preview = image_grid(images) if images is not None else torch.zeros(1, 64, 64, 3)
-        return (trained, lora, training_curve(log), preview)
+        return {"ui": {"text": [f"saved as {files.listed_name}"]},
+                "result": (trained, lora, training_curve(log), preview, files.listed_name)}
 
 
 class RewardLabApplyRewardLoRA:
@@ -175,14 +209,17 @@ class RewardLabSaveRewardLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
-            "name": ("STRING", {"default": "rewardlab_lora",
-                                "tooltip": "File name under output/loras/ (no folders; '../' is removed)."}),
+            "name": ("STRING", {"default": "rewardlab_lora", "tooltip": NAME_TOOLTIP}),
+        }, "optional": {
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
         }}
 
-    def save(self, lora, name):
-        path = ckpt.output_lora_path(name)
-        ckpt.save_lora_file(lora, path, {"rewardlab": "reward lora"})
-        return {"ui": {"text": [path]}, "result": (path,)}
+    def save(self, lora, name, overwrite=False):
+        files = run_files_to_write(ckpt.run_files(name), overwrite=overwrite)
+        if overwrite:
+            files.remove_state()          # it belonged to the LoRA being replaced: a LoRA and its state stay together
+        ckpt.save_lora_file(lora, files.lora, {"rewardlab": "reward lora"})
+        return {"ui": {"text": [f"saved as {files.listed_name}"]}, "result": (files.lora,)}
 
 
 NODE_CLASS_MAPPINGS = {

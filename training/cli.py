@@ -4,8 +4,9 @@
     rewardlab train --model ./sd15-diffusers --reward hps-v2.1 --prompts prompts.txt --width 512 --height 512
     torchrun --nproc_per_node 4 "$(which rewardlab)" train --model ...   # data parallel (one process per GPU)
 
-Writes <out>/<name>.safetensors (ComfyUI LoRA keys) + <name>.state.pt, <name>_curve.png, <name>_before.png,
-<name>_after.png and <name>_log.json.
+Writes <out>/<name>.safetensors (ComfyUI LoRA keys), <name>_curve.png, <name>_before.png, <name>_after.png,
+<name>_log.json, and the training state <out>/rewardlab_state/<name>.state.pt (for --resume). An existing LoRA of
+that name is continued with --resume or replaced with --overwrite, never silently.
 """
 import argparse
 import json
@@ -15,7 +16,8 @@ import time
 import torch
 
 from ..plots import save_image, save_png, training_curve
-from ..runtime import safe_output_path
+from ..samplers.steps import STEPS
+from . import checkpoints as ckpt
 from .draft import DraftConfig, Trainer, TrainingStopped
 from .options import add_cli_arguments, cli_values, config_from_options
 
@@ -33,7 +35,7 @@ def add_train_command(subparsers):
     p.add_argument("--reward", default="colourfulness", help="reward name (rewardlab rewards list)")
     p.add_argument("--prompts", default=None, help="text file with one prompt per line (default: tiny captions)")
     p.add_argument("--heldout", default=None, help="text file of held-out prompts")
-    p.add_argument("--sampler", default="euler", help="step function (euler, ddim, euler_ancestral, dpmpp_2m)")
+    p.add_argument("--sampler", default="euler", choices=list(STEPS), help="step function")
     p.add_argument("--scheduler", default=None, help="sigma schedule (default: leading for SD, simple for tiny)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
@@ -41,20 +43,34 @@ def add_train_command(subparsers):
     p.set_defaults(steps=None, cfg=None)      # per model: 50 steps / cfg 7.5 for SD, 8 / 3 for the tiny model
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--out", default="rewardlab_train", help="output folder")
-    p.add_argument("--name", default="draft_lora", help="LoRA file name (no folders)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/<name>.safetensors")
+    p.add_argument("--name", default="draft_lora", help="LoRA file name ('folder/name' for a subfolder of --out)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--resume", action="store_true", help="continue from <out>/<name>.safetensors")
+    what.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>.safetensors")
     p.set_defaults(func=run_train)
     return p
 
 
-def _lines(path, default):
+def _lines(path, default, flag):
     if path is None:
         return list(default)
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file (give a text file with one prompt per line)")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
-        raise ValueError(f"{path} holds no prompts")
+        raise ValueError(f"{flag} {path} holds no prompts: write one prompt per line")
     return lines
+
+
+def output_files(out, name, resume=False, overwrite=False):
+    """The checked RunFiles of <out>/<name>: a bad name, or an existing LoRA without --resume / --overwrite, is a
+    ValueError here, before any model is loaded."""
+    files = ckpt.run_files(name, root=out, lora_folder="", what="--name")
+    if files.taken() and not (resume or overwrite):
+        raise ValueError(f"{files.lora} already exists: pass --resume to continue it, --overwrite to replace it, "
+                         f"or choose another --name")
+    return files.prepare()
 
 
 def _init_distributed(device):
@@ -73,32 +89,34 @@ def _init_distributed(device):
 
 
 def build(args):
-    """(bundle, config, prompts, heldout) from parsed arguments."""
+    """(bundle, config, prompts, heldout) from parsed arguments; settings and prompt files are checked before the
+    model is loaded."""
     from .bundle import diffusers_bundle, tiny_bundle
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = _init_distributed(device)
     tiny = args.model is None
-    if tiny:
-        bundle = tiny_bundle(device=device)
-    else:
-        bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width)
     values = cli_values(args)
     values["steps"] = args.steps or (8 if tiny else 50)
     values["cfg"] = args.cfg if args.cfg is not None else (3.0 if tiny else 7.5)
     config = config_from_options(values, sampler=args.sampler,
                                  scheduler=args.scheduler or ("simple" if tiny else "leading"))
-    prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"])
-    heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [])
+    prompts = _lines(args.prompts, TINY_PROMPTS if tiny else ["a photo of a cat"], "--prompts")
+    heldout = _lines(args.heldout, TINY_HELDOUT if tiny else [], "--heldout")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _init_distributed(device)
+    if tiny:
+        bundle = tiny_bundle(device=device)
+    else:
+        bundle = diffusers_bundle(args.model, device=device, height=args.height, width=args.width)
     return bundle, config, prompts, heldout
 
 
-def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume=False, log=print):
+def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume=False, log=print, overwrite=False):
     """Train, write the files, return a summary dict (rewards before/after, paths)."""
-    lora_path = safe_output_path("", name, ".safetensors", root=out)
+    files = output_files(out, name, resume, overwrite)
+    lora_path = files.lora
     stem = os.path.splitext(lora_path)[0]
     trainer = Trainer(bundle, reward, config, prompts=prompts, heldout=heldout, lora_path=lora_path,
-                      run_id=os.path.basename(lora_path),
+                      state_path=files.state, run_id=files.listed_name,
                       on_step=lambda r, t: log(f"step {r['step']:4d}  reward {r['reward']:.4f}  loss {r['loss']:.4f}"
                                                f"  |g| {r['grad_norm']:.3g}  {r['seconds']:.2f}s"
                                                + (f"  held-out {r['heldout_reward']:.4f}" if 'heldout_reward' in r
@@ -123,10 +141,15 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
         save_png(after_imgs, stem + "_after.png", columns=config.batch_size)
         save_image(training_curve(result.log, f"{config.method} on {getattr(reward, 'name', 'reward')}"),
                    stem + "_curve.png")
-        with open(stem + "_log.json", "w", encoding="utf-8") as f:
-            json.dump({"summary": summary, "config": vars_of(config), "log": result.log}, f, indent=1)
+        record = {"summary": summary, "config": vars_of(config), "log": result.log}
+        ckpt.atomic_write(stem + "_log.json", lambda tmp: _write_json(record, tmp))
         summary.update(before=stem + "_before.png", after=stem + "_after.png", curve=stem + "_curve.png")
     return summary
+
+
+def _write_json(value, path):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
 
 
 def vars_of(config):
@@ -135,11 +158,14 @@ def vars_of(config):
 
 
 def run_train(args):
-    from ..rewards import load_reward
+    from ..rewards import load_reward, registry
 
+    output_files(args.out, args.name, args.resume, args.overwrite)       # a bad name fails before any work
+    registry.resolve_files(args.reward)                                  # so do an unknown reward and missing weights
     bundle, config, prompts, heldout = build(args)
     reward = load_reward(args.reward, device=bundle.device)
-    summary = train_and_report(bundle, config, reward, prompts, heldout, args.out, args.name, args.resume)
+    summary = train_and_report(bundle, config, reward, prompts, heldout, args.out, args.name, args.resume,
+                               overwrite=args.overwrite)
     print(f"reward before {summary['reward_before']:.4f}  after {summary['reward_after']:.4f}  "
           f"({summary['steps']} steps, {summary['train_seconds']:.0f}s); LoRA: {summary['lora']}")
     return 0
@@ -158,7 +184,7 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
                          targets=None, train_steps=train_steps, seed=seed, heldout_every=max(1, train_steps // 4),
                          save_every=max(1, train_steps // 2))
     summary = train_and_report(bundle, config, load_reward(reward_name), TINY_PROMPTS, TINY_HELDOUT, out_dir,
-                               "demo_draft_lora", log=log)
+                               "demo_draft_lora", log=log, overwrite=True)     # the demo's own file, rewritten
     log(f"DRaFT demo ({reward_name}): reward before {summary['reward_before']:.4f} -> after "
         f"{summary['reward_after']:.4f}; files in {out_dir}")
     return summary
