@@ -242,3 +242,100 @@ def test_training_uses_a_private_generator_not_the_global_rng():
     state = torch.random.get_rng_state()
     tr.train(steps=2)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# --- resume: refusals that name the fix, legacy state, learning rate ------------------------------------------------
+
+def test_resume_with_other_targets_names_the_setting_instead_of_an_optimizer_error(tmp_path):
+    """Issue 14: resuming with different `targets` failed inside torch with an optimizer param-group mismatch."""
+    path = str(tmp_path / "run.safetensors")
+    trainer(path).train(steps=1)
+    with pytest.raises(ValueError) as info:
+        trainer(path, targets=("l1", "l2")).resume()
+    message = str(info.value)
+    assert "targets=['l1', 'l2', 'l3']" in message and "asks for targets=['l1', 'l2']" in message
+    assert "resume with the settings it was trained with, or train under a new name" in message
+    with pytest.raises(ValueError, match="rank=2, but this run asks for rank=3"):
+        trainer(path, rank=3).resume()
+
+
+def test_resume_of_a_bare_lora_with_other_modules_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "bare.safetensors")
+    tr = trainer(path)
+    ckpt.save_lora_file({k: v for k, v in lora_of(tr).items() if ".l3." not in k}, path)   # no state: a bare LoRA
+    with pytest.raises(ValueError, match="no weights for 3 of this run's entries .* rank and targets"):
+        trainer(path).resume()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo unsafe",))
+
+
+class NeedsAClass:
+    pass
+
+
+@pytest.mark.parametrize("payload, names", [(Payload(), "posix.system"), (NeedsAClass(), "NeedsAClass")])
+def test_resume_from_a_malicious_state_refuses_without_torch_advice(tmp_path, payload, names):
+    """Issue 14: torch's UnpicklingError reached the user, with its advice to set weights_only=False."""
+    path = str(tmp_path / "run.safetensors")
+    tr = trainer(path)
+    tr.train(steps=1)
+    torch.save({"step": 1, "optimizer": {}, "x": payload}, tr.state_path)
+    with pytest.raises(ValueError) as info:
+        trainer(path).resume()
+    message = str(info.value)
+    assert "refused to load the training state" in message and names in message and "train under a new name" in message
+    assert "weights_only" not in message and "\x1b" not in message and "if you trust" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_state_lives_outside_the_lora_folder_and_an_old_one_is_moved_on_resume(tmp_path):
+    """Issue 14: *.state.pt beside the LoRA showed up in ComfyUI's LoRA list."""
+    path = str(tmp_path / "loras" / "run.safetensors")
+    first = trainer(path, save_every=2)
+    first.train(steps=2)
+    assert sorted(os.listdir(tmp_path / "loras")) == ["rewardlab_state", "run.safetensors"]
+    assert first.state_path == str(tmp_path / "loras" / "rewardlab_state" / "run.state.pt")
+    legacy = str(tmp_path / "loras" / "run.state.pt")               # where earlier versions wrote it
+    os.replace(first.state_path, legacy)
+    resumed = trainer(path).resume()
+    assert resumed.step == 2 and not os.path.exists(legacy) and os.path.exists(first.state_path)
+
+
+def test_resume_uses_this_runs_learning_rate(tmp_path):
+    """The advice after a NaN is 'lower the learning rate': a resume must not bring the old one back."""
+    path = str(tmp_path / "run.safetensors")
+    trainer(path, lr=1e-2).train(steps=1)
+    resumed = trainer(path, lr=1e-4).resume()
+    assert [g["lr"] for g in resumed.opt.param_groups] == [1e-4]
+
+
+def test_resume_is_exact_even_if_a_crash_fell_between_the_state_and_the_lora(tmp_path):
+    """The state is written first and holds its own copy of the LoRA weights."""
+    path = str(tmp_path / "run.safetensors")
+    tr = trainer(path, save_every=1)
+    tr.train(steps=1)
+    step1 = ckpt.load_lora_file(path)
+    tr.train(steps=2)
+    ckpt.save_lora_file(step1, path)                     # as if the LoRA of step 2 never reached the disk
+    resumed = trainer(path).resume()
+    assert resumed.step == 2
+    for k, v in lora_of(tr).items():
+        torch.testing.assert_close(lora_of(resumed)[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_writes_go_through_unlisted_temporaries_flushed_to_disk(tmp_path, monkeypatch):
+    """A crash mid-write leaves at most a '.part' file, which no LoRA loader lists; both files are fsynced."""
+    moves, synced = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b))[1])
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = str(tmp_path / "run.safetensors")
+    tr = trainer(path)
+    tr.train(steps=1)
+    assert [os.path.basename(b) for _, b in moves] == ["run.state.pt", "run.safetensors"]
+    assert all(a.endswith(".part") and os.path.dirname(a) == os.path.dirname(b) for a, b in moves)
+    assert len(synced) >= 4                                      # each file and its folder
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
