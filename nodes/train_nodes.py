@@ -29,6 +29,19 @@ OVERWRITE_TOOLTIP = ("Replace an existing LoRA of this name (and drop its traini
                      "is used instead, so no earlier run is ever lost.")
 
 
+def name_problem(name):
+    """For VALIDATE_INPUTS: True, or the message of a LoRA name that cannot be written. ComfyUI runs it when the
+    prompt is queued, so a bad name fails before any node of the prompt runs (a linked name arrives as None and
+    is checked when the node runs)."""
+    if name is None:
+        return True
+    try:
+        ckpt.run_files(name)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 def training_prompts(text, clip, reward):
     """The prompt lines; an empty box is an error when the prompts are used (CLIP encodes them, or the reward
     reads text). With a fixed CONDITIONING and an image-only reward they are never read."""
@@ -109,6 +122,10 @@ class RewardLabDRaFTTrainLoRA:
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        return name_problem(name)
 
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
               negative=None, clip=None, heldout_prompts="", resume=False, overwrite=False, **options):
@@ -213,6 +230,10 @@ class RewardLabSaveRewardLoRA:
         }, "optional": {
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        return name_problem(name)
 
     def save(self, lora, name, overwrite=False):
         files = run_files_to_write(ckpt.run_files(name), overwrite=overwrite)

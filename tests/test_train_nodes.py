@@ -146,3 +146,11 @@ def test_node_schemas():
 def test_comfy_bundle_needs_conditioning_or_clip():
     with pytest.raises(ValueError, match="CONDITIONING"):
         ComfyBundle(model=None, vae=None, width=512, height=512)
+
+
+def test_bad_names_are_refused_when_the_prompt_is_queued():
+    """VALIDATE_INPUTS: ComfyUI checks the name before any node of the prompt runs (no training before the error)."""
+    for cls in (tn.RewardLabDRaFTTrainLoRA, tn.RewardLabSaveRewardLoRA):
+        assert cls.VALIDATE_INPUTS(name="my_lora") is True and cls.VALIDATE_INPUTS(name=None) is True   # None: linked
+        assert "shorten it" in cls.VALIDATE_INPUTS(name="x" * 300)
+        assert "'..'" in cls.VALIDATE_INPUTS(name="..")

@@ -339,3 +339,16 @@ def test_checkpoint_writes_go_through_unlisted_temporaries_flushed_to_disk(tmp_p
     assert all(a.endswith(".part") and os.path.dirname(a) == os.path.dirname(b) for a, b in moves)
     assert len(synced) >= 4                                      # each file and its folder
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".part")]
+
+
+def test_every_checkpoint_of_a_run_goes_to_its_own_state_path(tmp_path):
+    """A host keeps the state out of the LoRA folder by passing state_path: intermediate and final saves alike."""
+    lora, state = tmp_path / "loras" / "run.safetensors", tmp_path / "rewardlab_state" / "run.state.pt"
+    tr = Trainer(toy_bundle(), reward, config(method="draft_k", save_every=2), prompts=PROMPTS, lora_path=str(lora),
+                 state_path=str(state))
+    tr.train(steps=3)                                                    # step 2 pending -> written, then the final
+    assert os.listdir(tmp_path / "loras") == ["run.safetensors"] and ckpt.load_state(str(state))["step"] == 3
+    resumed = Trainer(toy_bundle(), reward, config(method="draft_k"), prompts=PROMPTS, lora_path=str(lora),
+                      state_path=str(state)).resume()
+    resumed.train(steps=4)
+    assert os.listdir(tmp_path / "loras") == ["run.safetensors"] and ckpt.load_state(str(state))["step"] == 4

@@ -494,10 +494,13 @@ class Trainer:
         return {"step": self.step, "lora": _cpu_copy(self.lora_state_dict()), "state": _cpu_copy(self.state_dict())}
 
     def _write(self, snap, path=None, state_path=None):
+        """Write a snapshot to this run's files, or to ``path`` (with ``state_path``, default beside it)."""
+        if path is None:
+            path, state_path = self.lora_path, self.state_path
         if self.rank == 0:
-            ckpt.save_checkpoint(snap["lora"], snap["state"], path or self.lora_path, self._metadata(snap["step"]),
-                                 state_path or (self.state_path if path is None else None))
-        self.saved_step = snap["step"]
+            ckpt.save_checkpoint(snap["lora"], snap["state"], path, self._metadata(snap["step"]), state_path)
+        if path == self.lora_path:
+            self.saved_step = snap["step"]
 
     def _write_pending(self):
         snap, self._pending = self._pending, None
@@ -521,15 +524,15 @@ class Trainer:
     def save(self, path=None, state_path=None):
         """Write the LoRA (ComfyUI keys) and the state, atomically, if the current weights give a finite loss;
         returns the path, or None when nothing was written. Only rank 0 writes."""
-        path = path or self.lora_path
-        if path is None:
+        target = path or self.lora_path
+        if target is None:
             return None
         if self._pending is not None and self._pending["step"] == self.step:
             self._pending = None
         if not self.loss_is_finite():
             return None
         self._write(self._snapshot(), path, state_path)
-        return path
+        return target
 
     def resume(self, path=None, state_path=None):
         """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log. The learning
