@@ -171,3 +171,9 @@ def test_tiny_images_fail_clearly_in_the_score_nodes():
 def test_load_node_names_a_folder_that_does_not_exist(tmp_path):
     with pytest.raises(ValueError, match="folder .*nope' does not exist"):
         rn.RewardLabLoadReward().load("brightness", "fp32", "cpu", folder=str(tmp_path / "nope"))
+
+
+def test_an_empty_image_batch_is_a_clear_error():
+    reward = registry.build_reward("brightness")
+    with pytest.raises(ValueError, match="IMAGE batch is empty"):
+        rn.RewardLabScoreImages().score(reward, torch.zeros(0, 8, 8, 3))

@@ -621,7 +621,8 @@ class Trainer:
                    f"batch, or enable checkpointing (now {'on' if c.checkpointing else 'off'})")
         elif reason == "nan":
             fix = (f"{detail}: lower the learning rate (now {c.lr:g}), keep grad clipping on (max_grad_norm now "
-                   f"{c.max_grad_norm:g}), lower K, or train in bf16/fp32 instead of fp16 (now {c.precision})")
+                   f"{c.max_grad_norm:g}), or lower K (now {c.k})"
+                   + (", or train in bf16/fp32 instead of fp16" if self.amp_dtype == torch.float16 else ""))
         else:
             fix = f"training was cancelled at step {self.step}"
         return f"RewardLab DRaFT: {fix}; {kept}."

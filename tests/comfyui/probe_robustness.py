@@ -85,7 +85,8 @@ MODELS = {1: ("UNETLoader", {"unet_name": UNET_FILE, "weight_dtype": "default"})
           3: ("VAELoader", {"vae_name": VAE_FILE}),
           4: ("CLIPTextEncode", {"text": "a red square", "clip": link(2)}),
           5: ("ConditioningZeroOut", {"conditioning": link(4)}),
-          6: ("RewardLabWeightFreeReward", {"kind": "colourfulness"})}
+          6: ("RewardLabWeightFreeReward", {"kind": "colourfulness", "red": 1.0, "green": 0.0, "blue": 0.0,
+                                            "hue_degrees": 0.0, "brightness_target": -1.0, "jpeg_quality": 95})}
 
 
 def trains(name, **kw):
