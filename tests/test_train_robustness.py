@@ -100,10 +100,10 @@ def test_nan_loss_at_a_known_step_keeps_the_last_vouched_checkpoint_and_resume_c
     # The 5th reward call is step 5's loss, computed with the weights of step 4: NaN. Those weights are what failed,
     # so the step-4 checkpoint (taken, not yet vouched for) is dropped; step 2's was vouched for by step 3's loss.
     tr, path, freed, err, weights = run_until_failure(tmp_path, Faulty(at=5))
+    assert_checkpoint_holds(path, weights, 2)
     assert err.reason == "nan" and err.step == 4 and freed == [True] and err.checkpoint == path
     assert "NaN/Inf at step 5" in str(err) and "learning rate" in str(err)
     assert f"the last good checkpoint is {path} (step 2); resume continues from it" in str(err)
-    assert_checkpoint_holds(path, weights, 2)
     assert all(p.grad is None for p in tr.params)
     resumed = trainer(path, method="draft_k", save_every=2).resume()
     assert resumed.step == 2
@@ -125,9 +125,14 @@ def test_a_diverged_update_never_becomes_the_last_good_checkpoint(tmp_path):
                  lora_path=path)
     with pytest.raises(TrainingStopped) as info:
         tr.train(steps=4)
+    assert not os.path.exists(path) and not os.path.exists(tr.state_path)
     assert info.value.reason == "nan" and info.value.step == 1 and "NaN/Inf at step 2" in str(info.value)
     assert "no checkpoint was kept" in str(info.value) and info.value.checkpoint is None
-    assert not os.path.exists(path) and not os.path.exists(tr.state_path)
+    # a run that ends right after the diverged update: the final LoRA is checked too, and not written
+    last = Trainer(tiny_bundle(), load_reward("colourfulness"), cfg, prompts=["a red circle"], lora_path=path)
+    with pytest.raises(TrainingStopped, match="the LoRA after the last step \\(step 1\\) gives a NaN/Inf loss"):
+        last.train(steps=1)
+    assert not os.path.exists(path)
     # the same run at a sane learning rate: its checkpoint samples finite images and resume continues from it
     cfg.lr = 1e-3
     good = Trainer(tiny_bundle(), load_reward("colourfulness"), cfg, prompts=["a red circle"], lora_path=path)

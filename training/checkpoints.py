@@ -104,6 +104,18 @@ def save_checkpoint(lora_sd, state, lora_path, metadata=None, state_path=None):
     save_lora_file(lora_sd, lora_path, metadata)
 
 
+def cpu_copy(obj):
+    """A copy of nested dicts / lists / tuples whose tensors are detached CPU clones (a snapshot that later
+    in-place optimiser updates do not change)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
 # --- reading ------------------------------------------------------------------------------------------------------
 
 def load_state(path):

@@ -491,7 +491,8 @@ class Trainer:
 
     def _snapshot(self):
         """CPU copies of the LoRA and the state now (the optimiser keeps updating its tensors in place)."""
-        return {"step": self.step, "lora": _cpu_copy(self.lora_state_dict()), "state": _cpu_copy(self.state_dict())}
+        return {"step": self.step, "lora": ckpt.cpu_copy(self.lora_state_dict()),
+                "state": ckpt.cpu_copy(self.state_dict())}
 
     def _write(self, snap, path=None, state_path=None):
         """Write a snapshot to this run's files, or to ``path`` (with ``state_path``, default beside it)."""
@@ -508,16 +509,14 @@ class Trainer:
             self._write(snap)
 
     def loss_is_finite(self):
-        """One no-grad loss of the next step's micro-batch with the current weights, without the cancel hook (it
-        vouches for a checkpoint when training ends or stops). False also when that check itself fails."""
+        """One no-grad loss of the next step's micro-batch with the current weights, without the cancel hook: it
+        vouches for a checkpoint when training ends or stops."""
         cancel, self.cancel = self.cancel, None
         try:
             with torch.no_grad():
                 plan = self.plan(self.step)
                 loss, _ = self.bundle.session(plan.prompts, self.cfg.cfg, lambda den: self._loss(plan, den))
                 return self.weights_finite() and math.isfinite(float(loss))
-        except Exception:                 # out of memory, an interrupt from the host, ...: not vouched for
-            return False
         finally:
             self.cancel = cancel
 
@@ -631,7 +630,13 @@ class Trainer:
         """On a stop: write the pending checkpoint if a no-grad loss with its weights (the current ones) is finite;
         after a NaN/Inf those weights are the ones that failed, so it is dropped."""
         snap, self._pending = self._pending, None
-        if snap is not None and vouched and snap["step"] == self.step and self.loss_is_finite():
+        if snap is None or not vouched or snap["step"] != self.step:
+            return
+        try:
+            good = self.loss_is_finite()
+        except Exception:                 # out of memory again, an interrupt from the host, ...: not vouched for
+            good = False
+        if good:
             self._write(snap)
 
     def train(self, steps=None):
@@ -655,6 +660,8 @@ class Trainer:
                 if early:
                     status = "early_stopped"
                     break
+            if self.lora_path is not None and self.save() is None:
+                raise NonFiniteLoss(f"the LoRA after the last step (step {self.step}) gives a NaN/Inf loss")
         except torch.cuda.OutOfMemoryError as e:
             stop = ("oom", str(e).splitlines()[0] if str(e) else "")
         except NonFiniteLoss as e:
@@ -669,26 +676,9 @@ class Trainer:
             _status("finish", self.run_id, status=stop[0], step=self.step)
             raise TrainingStopped(stop[0], self._stop_message(*stop), self.step,
                                   self.lora_path if self.saved_step is not None else None)
-        if self.lora_path is not None and self.save() is None:
-            self._settle_pending(vouched=False)
-            stop = ("nan", f"the LoRA after the last step (step {self.step}) gives a NaN/Inf loss")
-            _status("finish", self.run_id, status="nan", step=self.step)
-            raise TrainingStopped("nan", self._stop_message(*stop), self.step,
-                                  self.lora_path if self.saved_step is not None else None)
         _status("finish", self.run_id, status=status, step=self.step)
         return TrainResult(status, self.step, self.log, self.lora_path if self.saved_step is not None else None,
                            self.best_heldout)
-
-
-def _cpu_copy(obj):
-    """A copy of nested dicts / lists / tuples whose tensors are detached CPU clones."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
 
 
 def drtune_steps(n, k):
