@@ -78,7 +78,8 @@ def install(runtime):
 MAX_NAME_BYTES = 200      # per path component, in UTF-8; leaves room for "_00001" and ".safetensors" under 255
 MAX_PATH_CHARS = 1024
 FORBIDDEN_CHARS = '<>:"|?*'
-RESERVED_NAMES = frozenset(["CON", "PRN", "AUX", "NUL"] + [f"{d}{i}" for d in ("COM", "LPT") for i in "0123456789¹²³"])
+RESERVED_NAMES = frozenset(["CON", "PRN", "AUX", "NUL"]
+                           + [f"{d}{i}" for d in ("COM", "LPT") for i in "0123456789¹²³"])   # Windows devices
 
 
 def check_output_name(name, what="name", suffix=""):

@@ -194,7 +194,8 @@ def test_a_transformers_clip_in_the_aesthetic_slot_says_what_the_file_holds(worl
     """Issue 14: a transformers-layout CLIP given as the aesthetic CLIP was reported as '296 missing keys'."""
     hf = tmp_path / "ViT-L-14-quickgelu-openai.safetensors"
     save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2),
-               "vision_model.post_layernorm.weight": torch.zeros(4), "text_model.final_layer_norm.weight": torch.zeros(4),
+               "vision_model.post_layernorm.weight": torch.zeros(4),
+               "text_model.final_layer_norm.weight": torch.zeros(4),
                "visual_projection.weight": torch.zeros(4, 4)}, str(hf))
     files = {"clip": str(hf), "head": world["folder"] + "/sac+logos+ava1-l14-linearMSE.pth"}
     with pytest.raises(RewardWeightsError) as err:

@@ -62,7 +62,8 @@ def test_names_that_once_collided_are_refused_or_kept_apart(tmp_path, monkeypatc
     monkeypatch.setattr(runtime.current(), "output_directory", lambda: str(tmp_path))
     save = tn.RewardLabSaveRewardLoRA().save
     for bad, says in (("..", "'..'"), ("", "empty"), ("   ", "empty"), ("x" * 300, "shorten it"),
-                      ("NUL", "reserved"), ("con.txt", "reserved"), ("my:lora", "':'"), ("tab\there", "cannot hold"), ("C:/x", "absolute")):
+                      ("NUL", "reserved"), ("con.txt", "reserved"), ("my:lora", "':'"), ("tab\there", "cannot hold"),
+                      ("C:/x", "absolute")):
         with pytest.raises(ValueError, match=says):
             save(trained_lora(0), bad)
     a = save(trained_lora(0), "sub/dir/name")["result"][0]

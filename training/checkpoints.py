@@ -78,8 +78,9 @@ def load_lora_file(path):
     try:
         return load_file(path)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable LoRA .safetensors file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); choose another name or delete the file") from None
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a readable LoRA .safetensors file ({type(e).__name__}: {detail}); choose "
+                         f"another name or delete the file") from None
 
 
 def default_state_path(lora_path):

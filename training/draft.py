@@ -567,7 +567,8 @@ class Trainer:
         saved = {"seed": state.get("seed"), "method": state.get("method")}
         settings = state.get("lora_settings")
         if settings is not None:
-            now.update(rank=c.rank, alpha=c.alpha, targets=list(c.targets) if isinstance(c.targets, tuple) else c.targets)
+            targets = list(c.targets) if isinstance(c.targets, tuple) else c.targets
+            now.update(rank=c.rank, alpha=c.alpha, targets=targets)
             saved.update(settings)
         differ = [k for k in now if saved.get(k) != now[k]]
         if differ:
