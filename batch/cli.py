@@ -7,6 +7,7 @@ import sys
 
 import aiohttp
 
+from ..cli import at_least, one_line
 from .client import ComfyClient, RetryPolicy, ServerUnavailable
 from .convert import WorkflowError, is_api_format, load_workflow, to_api
 from .runner import BatchRunner
@@ -37,9 +38,23 @@ def run_command(args):
     return code
 
 
+def server_url(text):
+    """An argparse ``type``: an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port                              # raises ValueError on a port that is not a number
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a URL ({e}): give e.g. http://127.0.0.1:8188") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL: give e.g. http://127.0.0.1:8188")
+    return text
+
+
 def add_run_arguments(p):
     p.add_argument("workflow", help="workflow file: editor JSON, API JSON, or a ComfyUI PNG")
-    p.add_argument("--server", required=True, help="ComfyUI server URL, e.g. http://127.0.0.1:8188")
+    p.add_argument("--server", required=True, type=server_url, help="ComfyUI server URL, e.g. http://127.0.0.1:8188")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="TARGET=VALUES",
                    help="set an input; a range or list makes a sweep axis (repeatable)")
     p.add_argument("--sweep", dest="assignments", action="append", metavar="TARGET=VALUES",
@@ -50,14 +65,17 @@ def add_run_arguments(p):
                       help="all combinations of the sweep axes (default)")
     mode.add_argument("--zip", dest="mode", action="store_const", const="zip", help="pair the axes element-wise")
     p.set_defaults(mode="product")
-    p.add_argument("--concurrency", type=int, default=2, help="prompts queued on the server at once (default 2)")
+    p.add_argument("--concurrency", type=at_least(1), default=2,
+                   help="prompts queued on the server at once (default 2)")
     p.add_argument("--out", default="rewardlab_batch", help="output folder: images, manifest.jsonl, report")
     p.add_argument("--score", metavar="REWARD", help="rank the output images with this reward model (e.g. "
                    "brightness, aesthetic-v2) and write report.html")
     p.add_argument("--reward-folder", help="folder with reward weights for --score (also $REWARDLAB_MODELS)")
-    p.add_argument("--retries", type=int, default=10, help="tries per request while the server is down")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default: no limit)")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between /history checks (websocket backup)")
+    p.add_argument("--retries", type=at_least(0), default=10, help="tries per request while the server is down")
+    p.add_argument("--timeout", type=at_least(0.0, float, exclusive=True), default=None,
+                   help="seconds allowed per run (default: no limit)")
+    p.add_argument("--poll", type=at_least(0.0, float, exclusive=True), default=2.0,
+                   help="seconds between /history checks (websocket backup)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (parameters and keys) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -74,13 +92,44 @@ def prepare_runs(args, workflow, object_info):
     return expand_runs(prompt, assignments, rows, args.mode, object_info)
 
 
+def check_arguments(args):
+    """Everything that can be checked before the first request: files and folders named, and the --score reward
+    (its name and weight files). Raises ValueError / OSError naming the fix."""
+    if not os.path.isfile(args.workflow):
+        raise ValueError(f"workflow file {args.workflow!r} does not exist")
+    if args.runs and not os.path.isfile(args.runs):
+        raise ValueError(f"--runs file {args.runs!r} does not exist")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a folder: choose a folder")
+    if args.reward_folder and not os.path.isdir(args.reward_folder):
+        raise ValueError(f"--reward-folder {args.reward_folder!r} is not a folder")
+    for assignment in args.assignments or []:
+        parse_assignment(assignment)            # syntax only; targets are matched once the workflow is known
+    if args.score:
+        from ..rewards import registry
+
+        if args.score not in registry.list_rewards():
+            raise ValueError(f"unknown reward {args.score!r} for --score; choose one of "
+                             f"{', '.join(registry.list_rewards())}")
+        registry.resolve_files(args.score, folder=args.reward_folder)
+
+
+def load_score_reward(args):
+    """The --score reward, loaded before the sweep starts (a broken weight file fails here, not after the sweep)."""
+    from ..rewards import load_reward
+
+    return load_reward(args.score, device="cpu", folder=args.reward_folder) if args.score else None
+
+
 def run_main(args):
     """Entry of ``rewardlab run``; returns the exit status (0 all runs succeeded, 1 some failed, 2 bad input
-    or unreachable server, 130 interrupted)."""
+    or unreachable server, 130 interrupted). Every error ends with one line, never a traceback."""
+    from ..rewards.weights import RewardWeightsError
+
     try:
         return _run(args)
-    except (WorkflowError, SweepError, ServerUnavailable, OSError) as e:
-        print(f"rewardlab run: {e}", file=sys.stderr)
+    except (WorkflowError, SweepError, ServerUnavailable, OSError, ValueError, LookupError, RewardWeightsError) as e:
+        print(f"rewardlab run: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {os.path.join(args.out, 'manifest.jsonl')}", file=sys.stderr)
@@ -88,6 +137,8 @@ def run_main(args):
 
 
 def _run(args):
+    check_arguments(args)
+    reward = None if args.dry_run else load_score_reward(args)
     retry = RetryPolicy(attempts=max(1, args.retries))
     workflow = load_workflow(args.workflow)
     object_info = None
@@ -107,7 +158,7 @@ def _run(args):
     if args.score:
         from .report import score_records, write_report
 
-        scored = score_records(records, runner.out_dir, args.score, folder=args.reward_folder)
+        scored = score_records(records, runner.out_dir, reward)
         path = write_report(runner.out_dir, scored, args.score)
         if scored:
             print(f"best {args.score} = {scored[0]['score']:.4f}: {scored[0]['path']} {json.dumps(scored[0]['params'])}")

@@ -69,8 +69,14 @@ def latent_samples(model, latent):
     """The latent tensor of a LATENT (or a tensor), shaped for ``model``: an all-zero latent is widened to the
     model's channel count as stock samplers do; any other channel mismatch is an error."""
     samples = latent["samples"] if isinstance(latent, dict) else latent
-    samples = _comfy("comfy.sample").fix_empty_latent_channels(model, samples)
+    samples = _comfy("comfy.sample").fix_empty_latent_channels(model, samples)   # also: 4-D -> 5-D for video models
     info = model_info(model)
+    want = 2 + info.latent_dimensions
+    if samples.ndim != want:
+        kinds = {4: "an image latent (B, C, H, W)", 5: "a video latent (B, C, T, H, W)"}
+        raise ValueError(f"the LATENT is {samples.ndim}-D {tuple(samples.shape)} but this model takes "
+                         f"{kinds.get(want, f'{want}-D latents')}: make the latent with this model family's Empty "
+                         f"Latent node (or encode with its VAE)")
     if samples.shape[1] != info.latent_channels:
         raise ValueError(f"the LATENT has {samples.shape[1]} channels but this model works on {info.latent_channels}: "
                          "make the latent with this model family's Empty Latent node (or encode with its VAE)")

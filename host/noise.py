@@ -3,6 +3,8 @@
 A ComfyUI NOISE is any object with ``.seed`` and ``.generate_noise(latent_dict)``. The sampler scales it by σ0
 itself (noise scaling), so a NOISE stores standard-normal-like noise, not a noised latent.
 """
+import math
+
 import torch
 
 from .bridge import cfg_guider, run_in_guider
@@ -57,5 +59,9 @@ def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler
                                    step=sampler, decode=lambda z: decode(vae, z, patcher=vae_patcher, tile=vae_tile))
         finally:
             release(patcher, vae_patcher)
+    bad = [i for i, r in enumerate(result.reward.tolist()) if not math.isfinite(r)]
+    if bad:
+        raise ValueError(f"the best reward of sample(s) {bad} is NaN/Inf: the reward failed on every candidate. "
+                         f"Check it on a plain image first (Score Images)")
     return result, (OptimisedNoise(result.seed, result.noise), {"samples": result.latent},
                     bchw_to_image(result.images))

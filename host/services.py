@@ -173,6 +173,8 @@ def image_to_bchw(image):
     """ComfyUI IMAGE (B, H, W, C) float in [0, 1] -> (B, C, H, W) float32."""
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an IMAGE batch shaped (B, H, W, C), got {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the IMAGE batch is empty: connect a node that outputs at least one image")
     return image[..., :3].movedim(-1, 1).float()
 
 

@@ -181,7 +181,7 @@ class BestTracker:
             self.noise, self.latent = noise.detach().clone(), latent.detach().clone()
             self.images, self.reward = images.detach().clone(), rewards.clone()
             return torch.ones_like(rewards, dtype=torch.bool)
-        better = rewards > self.reward
+        better = (rewards > self.reward) | (self.reward.isnan() & ~rewards.isnan())    # a NaN best is replaced
         self.noise = self._pick(better, noise, self.noise)
         self.latent = self._pick(better, latent, self.latent)
         self.images = self._pick(better, images, self.images)

@@ -98,7 +98,7 @@ def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, op
     opt = make_optimizer(optimizer, [leaf], lr, momentum)
     policy = step_policy(grad_last, checkpoint_steps)
     initial_norm = noise_norms(leaf)
-    perturb_gen = torch.Generator(device=leaf.device).manual_seed(chain.seed + 1)
+    perturb_gen = torch.Generator(device=leaf.device).manual_seed((chain.seed + 1) % 2**64)   # seeds go to 2**64 - 1
     best, history, norms = BestTracker(), [], []
 
     def measure(with_grad):

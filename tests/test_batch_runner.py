@@ -222,3 +222,42 @@ def test_cli_runs_an_editor_workflow(tmp_path):
     for p in submitted:  # the PrimitiveNode's prompt reached both the text encoder and the ranking node
         assert inputs_of(p, "RewardLabRankImages")["prompts"] == inputs_of(p, "CLIPTextEncode", "Positive")["text"]
     assert len(Manifest(str(out)).load()) == 2
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--score", "brigthness"], "unknown reward 'brigthness' for --score; choose one of"),
+    (["--score", "aesthetic-v2", "--reward-folder", "."], "no clip weights found"),
+    (["--set", "3.seed=9..1"], "start is above end"),
+    (["--runs", "missing.csv"], "--runs file 'missing.csv' does not exist"),
+])
+def test_cli_checks_every_argument_before_the_first_request(tmp_path, capsys, monkeypatch, extra, says):
+    """Issue 14: `--score <typo>` ran the whole sweep, then printed a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REWARDLAB_MODELS", raising=False)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(txt2img_api()))
+    with ThreadedServer() as srv:
+        seen = []
+        monkeypatch.setattr(cli, "fetch_object_info", lambda *a: seen.append(a))
+        code = cli.main([str(wf), "--server", srv.url, "--out", str(tmp_path / "out"), "--no-progress", *extra])
+        posts = srv.posts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and says in err[-1] and err[-1].startswith("rewardlab run: error: ") and len(err) == 1
+    assert seen == [] and posts == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--concurrency", "0", "argument --concurrency: must be a finite number >= 1, got 0"),
+    ("--timeout", "-5", "argument --timeout: must be a finite number > 0.0"),
+    ("--poll", "nan", "argument --poll: must be a finite number > 0.0"),
+    ("--server", "localhost:8188", "argument --server: 'localhost:8188' is not an http(s) URL"),
+])
+def test_cli_argument_mistakes_exit_2_with_one_line(tmp_path, capsys, flag, value, says):
+    """Issue 14: `--concurrency 0` printed a traceback."""
+    from rewardlab import cli as rewardlab_cli
+
+    args = ["run", str(tmp_path / "wf.json"), "--server", "http://127.0.0.1:9", flag, value]
+    with pytest.raises(SystemExit) as exc:
+        rewardlab_cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and says in err[-1] and "Traceback" not in "\n".join(err)

@@ -183,3 +183,22 @@ def test_out_of_memory_names_the_settings_to_change():
 def test_norm_helper_is_per_sample():
     z = noise(3)
     assert torch.allclose(noise_norms(z), torch.stack([z[i].norm() for i in range(3)]))
+
+
+def test_the_largest_seed_a_node_accepts_works():
+    """Seeds go up to 2**64 - 1 in the nodes; the perturbation generator used seed + 1, which overflowed."""
+    chain = toy_chain("eps", steps=1)
+    chain.seed = 2**64 - 1
+    res = doodl(chain, TargetReward(), noise(), iterations=2)
+    assert len(res.history) == 2 and res.seed == 2**64 - 1
+
+
+def test_a_nan_first_reward_is_replaced_by_the_first_real_one():
+    """BestTracker compared with '>', so a NaN first evaluation was never replaced."""
+    from rewardlab.noise.chain import BestTracker
+
+    best = BestTracker()
+    x = torch.zeros(2, 1)
+    best.offer(x, x, x, torch.tensor([float("nan"), 1.0]))
+    best.offer(x + 1, x + 1, x + 1, torch.tensor([0.5, float("nan")]))
+    assert best.reward.tolist() == [0.5, 1.0] and best.noise[:, 0].tolist() == [1.0, 0.0]

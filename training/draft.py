@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .. import runtime
+from ..rewards.base import prompt_lines
 from ..samplers import Cancelled, Policy, noise_scaling, sample
 from . import checkpoints as ckpt
 from .lora import load_lora_state_dict, lora_parameters, lora_state_dict
@@ -252,7 +253,9 @@ class Trainer:
     reward:      ``reward(images_bchw01, prompts) -> Tensor[B]`` (higher is better), differentiable
     prompts:     training prompts, cycled (shuffled per epoch when config.shuffle)
     heldout:     prompts scored every ``heldout_every`` steps with fixed noise (reward-hacking monitor)
-    lora_path:   where checkpoints go (``<name>.safetensors`` + ``<name>.state.pt``); None: no saving
+    lora_path:   where checkpoints go (``<name>.safetensors``); None: no saving
+    state_path:  where the training state goes (default ``checkpoints.default_state_path``: rewardlab_state/ beside
+                 the LoRA; hosts whose LoRA folder a loader lists pass a path outside it)
     on_step:     called with each step's log record and the trainer (progress bars, previews)
     cancel:      called before every step and every sampling step; truthy stops training cleanly
     free_memory: called after an OOM / NaN / cancel (ComfyUI: host.free_memory)
@@ -260,7 +263,7 @@ class Trainer:
     """
 
     def __init__(self, bundle, reward, config=None, prompts=("",), heldout=(), lora_path=None, on_step=None,
-                 cancel=None, free_memory=None, adapters=None, run_id="default"):
+                 cancel=None, free_memory=None, adapters=None, run_id="default", state_path=None):
         self.cfg = config or DraftConfig()
         self.cfg.validate()
         if not prompts:
@@ -268,6 +271,7 @@ class Trainer:
         self.bundle, self.reward = bundle, reward
         self.prompts, self.heldout = list(prompts), list(heldout)
         self.lora_path, self.on_step, self.cancel, self.run_id = lora_path, on_step, cancel, run_id
+        self.state_path = state_path or (ckpt.default_state_path(lora_path) if lora_path else None)
         self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
         self.adapters = adapters if adapters is not None else self._seeded(
@@ -289,6 +293,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step, self.log = 0, []
         self.best_heldout, self.bad_evals, self.saved_step = None, 0, None
+        self._pending = None          # a checkpoint taken after a step, written once a finite loss vouches for it
         self.last_images = None
         self._perms = {}
 
@@ -424,7 +429,8 @@ class Trainer:
             infos.append(info)
         bad = self._sync(bad)
         if bad:
-            raise NonFiniteLoss(f"the loss became NaN/Inf at step {self.step}")
+            raise NonFiniteLoss(f"the loss became NaN/Inf at step {self.step + 1}")
+        self._write_pending()             # a finite loss with the current weights: the pending checkpoint is good
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
@@ -432,10 +438,12 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         elif not torch.isfinite(norm):
-            raise NonFiniteLoss(f"the LoRA gradient became NaN/Inf at step {self.step}")
+            raise NonFiniteLoss(f"the LoRA gradient became NaN/Inf at step {self.step + 1}")
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if not self.weights_finite():
+            raise NonFiniteLoss(f"the LoRA weights became NaN/Inf in the update of step {self.step + 1}")
         self.last_images = infos[-1]["images"].float().cpu()
         self.step += 1
         def mean(key):
@@ -483,43 +491,131 @@ class Trainer:
         return float(self.sample_images(prompts, seed, scale)[1].mean())
 
     # --- checkpoints -------------------------------------------------------------------------------------------
+    # A checkpoint holds the weights after step N. It is taken after step N but written only once a finite loss has
+    # been computed with those weights: by step N + 1, or by one no-grad check when training ends or stops. So a
+    # diverged update (finite but huge weights whose next loss is NaN) never overwrites the last good checkpoint.
 
     def state_dict(self):
-        return {"step": self.step, "seed": self.cfg.seed, "method": self.cfg.method, "optimizer": self.opt.state_dict(),
+        c = self.cfg
+        return {"step": self.step, "seed": c.seed, "method": c.method, "optimizer": self.opt.state_dict(),
                 "log": self.log, "best_heldout": self.best_heldout, "bad_evals": self.bad_evals,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "lora_settings": {"rank": c.rank, "alpha": c.alpha,
+                                  "targets": list(c.targets) if isinstance(c.targets, tuple) else c.targets},
+                "lora": self.lora_state_dict()}
 
     def lora_state_dict(self):
         """The trained LoRA in the bundle's file key format."""
         return lora_state_dict(self.adapters, key=self.bundle.lora_key)
 
-    def save(self, path=None):
-        """Write the LoRA (ComfyUI keys) and the state beside it, atomically. Only rank 0 writes."""
-        path = path or self.lora_path
-        if path is None or self.rank != 0:
-            return path
-        meta = {"rewardlab_method": self.cfg.method, "rewardlab_step": self.step, "rewardlab_rank": self.cfg.rank}
-        ckpt.save_checkpoint(self.lora_state_dict(), self.state_dict(), path, meta)
-        self.saved_step = self.step
-        return path
+    def weights_finite(self):
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())     # one device sync
 
-    def resume(self, path=None):
-        """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log."""
+    def _metadata(self, step):
+        return {"rewardlab_method": self.cfg.method, "rewardlab_step": step, "rewardlab_rank": self.cfg.rank}
+
+    def _snapshot(self):
+        """CPU copies of the LoRA and the state now (the optimiser keeps updating its tensors in place)."""
+        return {"step": self.step, "lora": ckpt.cpu_copy(self.lora_state_dict()),
+                "state": ckpt.cpu_copy(self.state_dict())}
+
+    def _write(self, snap, path=None, state_path=None):
+        """Write a snapshot to this run's files, or to ``path`` (with ``state_path``, default beside it)."""
+        if path is None:
+            path, state_path = self.lora_path, self.state_path
+        if self.rank == 0:
+            ckpt.save_checkpoint(snap["lora"], snap["state"], path, self._metadata(snap["step"]), state_path)
+        if path == self.lora_path:
+            self.saved_step = snap["step"]
+
+    def _write_pending(self):
+        snap, self._pending = self._pending, None
+        if snap is not None:
+            self._write(snap)
+
+    def loss_is_finite(self):
+        """One no-grad loss of the next step's micro-batch with the current weights, without the cancel hook: it
+        vouches for a checkpoint when training ends or stops."""
+        cancel, self.cancel = self.cancel, None
+        try:
+            with torch.no_grad():
+                plan = self.plan(self.step)
+                loss, _ = self.bundle.session(plan.prompts, self.cfg.cfg, lambda den: self._loss(plan, den))
+                return self.weights_finite() and math.isfinite(float(loss))
+        finally:
+            self.cancel = cancel
+
+    def save(self, path=None, state_path=None):
+        """Write the LoRA (ComfyUI keys) and the state, atomically, if the current weights give a finite loss;
+        returns the path, or None when nothing was written. Only rank 0 writes."""
+        target = path or self.lora_path
+        if target is None:
+            return None
+        if self._pending is not None and self._pending["step"] == self.step:
+            self._pending = None
+        if not self.loss_is_finite():
+            return None
+        self._write(self._snapshot(), path, state_path)
+        return target
+
+    def resume(self, path=None, state_path=None):
+        """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log. The learning
+        rate, betas and weight decay are this trainer's settings (a resume may lower the learning rate). A state
+        of other settings (seed, method, rank, alpha, targets) is refused with the fix."""
         path = path or self.lora_path
-        sd, state = ckpt.load_checkpoint(path)
+        sd, state = ckpt.load_checkpoint(path, state_path or (self.state_path if path == self.lora_path else None))
+        if state is not None:
+            self._check_resumable(path, state)
+            sd = state.get("lora") or sd
+        self._check_lora_layout(path, sd)
         load_lora_state_dict(self.adapters, sd, key=self.bundle.lora_key)
         if state is None:
             return self
-        if state.get("seed") != self.cfg.seed or state.get("method") != self.cfg.method:
-            raise ValueError(f"checkpoint {path!r} was written with seed={state.get('seed')}, method="
-                             f"{state.get('method')!r}; resume with the same settings or start a new name")
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"the training state of {path} does not fit this LoRA ({e}); resume with the settings "
+                             f"it was trained with, or train under a new name") from None
+        c = self.cfg
+        for group in self.opt.param_groups:
+            group.update(lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.log = int(state["step"]), list(state["log"])
         self.best_heldout, self.bad_evals = state["best_heldout"], int(state["bad_evals"])
         self.saved_step = self.step
         return self
+
+    def _check_resumable(self, path, state):
+        c = self.cfg
+        now = {"seed": c.seed, "method": c.method}
+        saved = {"seed": state.get("seed"), "method": state.get("method")}
+        settings = state.get("lora_settings")
+        if settings is not None:
+            targets = list(c.targets) if isinstance(c.targets, tuple) else c.targets
+            now.update(rank=c.rank, alpha=c.alpha, targets=targets)
+            saved.update(settings)
+        differ = [k for k in now if saved.get(k) != now[k]]
+        if differ:
+            was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            asked = ", ".join(f"{k}={now[k]!r}" for k in differ)
+            raise ValueError(f"checkpoint {path!r} was written with {was}, but this run asks for {asked}; resume "
+                             f"with the settings it was trained with, or train under a new name")
+
+    def _check_lora_layout(self, path, sd):
+        """The file's LoRA modules and shapes must be exactly the adapters' (rank and targets as trained)."""
+        want = {k: tuple(v.shape) for k, v in self.lora_state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in sd.items()}
+        if want == have:
+            return
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+        parts = [f"{len(extra)} entries this run has no module for (e.g. {extra[0]})" if extra else "",
+                 f"no weights for {len(missing)} of this run's entries (e.g. {missing[0]})" if missing else "",
+                 f"{len(shapes)} shapes differ (e.g. {shapes[0]}: file {have[shapes[0]]}, run {want[shapes[0]]})"
+                 if shapes else ""]
+        raise ValueError(f"the LoRA in {path} does not match this run's LoRA: {'; '.join(p for p in parts if p)}. "
+                         f"Resume with the rank and targets it was trained with, or train under a new name")
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -538,18 +634,36 @@ class Trainer:
 
     def _stop_message(self, reason, detail):
         c = self.cfg
-        kept = (f"the last good checkpoint is {self.lora_path} (step {self.saved_step})" if self.saved_step is not None
-                else "no checkpoint had been saved yet (set save_every to keep intermediate LoRAs)")
+        if self.saved_step is not None:
+            kept = f"the last good checkpoint is {self.lora_path} (step {self.saved_step}); resume continues from it"
+        elif self.lora_path is None or not c.save_every:
+            kept = "no checkpoint had been saved yet (set save_every to keep intermediate LoRAs)"
+        else:
+            kept = "no checkpoint was kept (one is written only once the next loss with its weights is finite)"
         if reason == "oom":
             fix = (f"out of GPU memory at step {self.step}: lower batch_size (now {c.batch_size}), K (now {c.k}) or "
                    f"the resolution (latent {tuple(self.bundle.latent_shape)}), use grad_accum for a larger effective "
                    f"batch, or enable checkpointing (now {'on' if c.checkpointing else 'off'})")
         elif reason == "nan":
             fix = (f"{detail}: lower the learning rate (now {c.lr:g}), keep grad clipping on (max_grad_norm now "
-                   f"{c.max_grad_norm:g}), lower K, or train in bf16/fp32 instead of fp16 (now {c.precision})")
+                   f"{c.max_grad_norm:g}), or lower K (now {c.k})"
+                   + (", or train in bf16/fp32 instead of fp16" if self.amp_dtype == torch.float16 else ""))
         else:
             fix = f"training was cancelled at step {self.step}"
         return f"RewardLab DRaFT: {fix}; {kept}."
+
+    def _settle_pending(self, vouched):
+        """On a stop: write the pending checkpoint if a no-grad loss with its weights (the current ones) is finite;
+        after a NaN/Inf those weights are the ones that failed, so it is dropped."""
+        snap, self._pending = self._pending, None
+        if snap is None or not vouched or snap["step"] != self.step:
+            return
+        try:
+            good = self.loss_is_finite()
+        except Exception:                 # out of memory again, an interrupt from the host, ...: not vouched for
+            good = False
+        if good:
+            self._write(snap)
 
     def train(self, steps=None):
         """Train until ``steps`` (default config.train_steps) optimiser steps are done, or early stop.
@@ -563,8 +677,8 @@ class Trainer:
                 record = self.train_step()
                 early = self._heldout(record)
                 self.log.append(record)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    self.save()
+                if self.lora_path is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self._pending = self._snapshot()
                 _status("update", self.run_id, step=self.step, total=total, record=record,
                         last_checkpoint=self.lora_path if self.saved_step is not None else None)
                 if self.on_step is not None:
@@ -572,6 +686,8 @@ class Trainer:
                 if early:
                     status = "early_stopped"
                     break
+            if self.lora_path is not None and self.save() is None:
+                raise NonFiniteLoss(f"the LoRA after the last step (step {self.step}) gives a NaN/Inf loss")
         except torch.cuda.OutOfMemoryError as e:
             stop = ("oom", str(e).splitlines()[0] if str(e) else "")
         except NonFiniteLoss as e:
@@ -582,14 +698,26 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         if stop is not None:              # the exception (and the graph its frames hold) is gone by now
             self.free_memory()
+            self._settle_pending(vouched=stop[0] != "nan")
             _status("finish", self.run_id, status=stop[0], step=self.step)
             raise TrainingStopped(stop[0], self._stop_message(*stop), self.step,
                                   self.lora_path if self.saved_step is not None else None)
-        if self.lora_path is not None:
-            self.save()
         _status("finish", self.run_id, status=status, step=self.step)
         return TrainResult(status, self.step, self.log, self.lora_path if self.saved_step is not None else None,
                            self.best_heldout)
+
+
+def training_prompts(text, encoded_by_clip, reward):
+    """The prompt lines of a prompt box; an empty box is an error when the prompts are used (a text encoder encodes
+    them, or the reward reads text). With a fixed conditioning and an image-only reward they are never read."""
+    lines = prompt_lines(text)
+    if lines:
+        return lines
+    if encoded_by_clip or getattr(reward, "needs_text", False):
+        user = "CLIP encodes them" if encoded_by_clip else f"the reward {getattr(reward, 'name', '')!r} reads text"
+        raise ValueError(f"DRaFT: the prompts box is empty, but {user}: write at least one training prompt "
+                         "(one per line)")
+    return [""]
 
 
 def drtune_steps(n, k):

@@ -5,6 +5,7 @@ type. ``choices`` maps what the user picks (a label) to the config value. ``ui``
 (a required node input and a CLI flag), "node-optional" (an optional node input and a CLI flag) or "cli" (the
 command line only).
 """
+import math
 from dataclasses import MISSING, dataclass, fields
 
 from .draft import METHODS, PRECISIONS, DraftConfig
@@ -106,9 +107,21 @@ def config_from_options(values, **fixed):
     unknown = sorted(set(values) - set(BY_INPUT))
     if unknown:
         raise ValueError(f"unknown DRaFT settings {unknown}; known: {sorted(BY_INPUT)}")
+    for key, value in values.items():
+        check_number(BY_INPUT[key], value)
     config = DraftConfig(**{BY_INPUT[k].field: BY_INPUT[k].to_config(v) for k, v in values.items()}, **fixed)
     config.validate()
     return config
+
+
+def check_number(option, value):
+    """A number must be finite and at least its range's minimum (the maximum is the node widget's; the command line
+    may go beyond it). A ValueError names the input, the flag and the allowed minimum."""
+    if option.range is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value) or value < option.range[0]:
+        raise ValueError(f"{option.input_name} ({option.cli_flag}) must be a finite number >= {option.range[0]}, "
+                         f"got {value}")
 
 
 # --- the two user interfaces -----------------------------------------------------------------------------------
