@@ -11,6 +11,7 @@ import importlib
 import torch
 
 from .. import runtime
+from ..samplers.runner import recompute_in_backward
 from ..training.lora import ATTENTION_TARGETS, LoRA, layer_name_patterns, lora_targets
 
 
@@ -69,6 +70,28 @@ def _network_tensors(patcher):
 def _normal_copy(tensor):
     copy = tensor.detach().clone()
     return torch.nn.Parameter(copy, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copy
+
+
+def checkpoint_blocks(model_patcher):
+    """Recompute each block of the diffusion model in backward instead of keeping its activations (gradient
+    checkpointing inside one model call, as ComfyUI's own trainer offers): a call that records gradients then keeps
+    only the blocks' inputs, which is what lets a DRaFT or ReNO step of a large DiT fit. The blocks are the entries
+    of the model's block lists (input/output blocks, joint/double/single blocks, layers); the patch lives on this
+    clone only and goes away when it is unloaded."""
+    dm = model_patcher.model.diffusion_model
+    for list_name, blocks in dm.named_children():
+        if isinstance(blocks, torch.nn.ModuleList):
+            for i, block in enumerate(blocks):
+                model_patcher.add_object_patch(f"diffusion_model.{list_name}.{i}.forward", _recomputed(block.forward))
+    return model_patcher
+
+
+def _recomputed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return recompute_in_backward(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+    return run
 
 
 def is_grad_ready(model_patcher):

@@ -120,7 +120,7 @@ class RewardLabDRaFTTrainLoRA:
         files = ckpt.claim(files, resume=resume, overwrite=overwrite)
         path = files.lora
         bundle = ComfyBundle(model, vae, width, height, positive, negative, clip, guidance=guidance,
-                             vae_tile=vae_tile_size)
+                             vae_tile=vae_tile_size, checkpoint_blocks=config.checkpointing)
         bundle.encode_prompts(lines + held)
         pbar = runtime.current().progress(config.train_steps)
 

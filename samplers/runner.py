@@ -119,14 +119,25 @@ def _autocast_states():
     return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
 
 
+def _detached(value):
+    """Tensors (also inside tuples, lists and dicts) detached, keeping whether they require grad."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
 class _Checkpoint:
     """Saved-tensor hooks that keep only an index per saved tensor; the first unpack in backward runs ``fn`` again
-    (same input, same autocast) and records what it saves, copying activations as ``inplace_safe`` does. The graph
+    (same inputs, same autocast) and records what it saves, copying activations as ``inplace_safe`` does. The graph
     is recorded in the forward, so ``torch.autograd.grad`` with any inputs (LoRA weights, the noise) works."""
 
-    def __init__(self, fn, x):
-        self.fn, self.x, self.autocast = fn, x.detach().requires_grad_(x.requires_grad), _autocast_states()
-        self.count, self.saved = 0, None
+    def __init__(self, fn, args, kwargs):
+        self.fn, self.args, self.kwargs = fn, _detached(args), _detached(kwargs)
+        self.autocast, self.count, self.saved = _autocast_states(), 0, None
 
     def pack(self, t):
         self.count += 1
@@ -140,7 +151,7 @@ class _Checkpoint:
                     stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
                 stack.enter_context(torch.enable_grad())
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._record, _unpack))
-                self.fn(self.x)
+                self.fn(*self.args, **self.kwargs)
             if len(self.saved) != self.count:     # a model whose recomputation differs would get wrong gradients
                 raise RuntimeError(f"checkpoint recomputation saved {len(self.saved)} tensors where the forward "
                                    f"saved {self.count}: this model does not compute the same way twice; turn "
@@ -151,11 +162,12 @@ class _Checkpoint:
         self.saved.append(_snapshot(t))
 
 
-def recompute_in_backward(fn, x):
-    """``fn(x)`` that keeps no activations for backward: they are recomputed then (gradient checkpointing)."""
-    hooks = _Checkpoint(fn, x)
+def recompute_in_backward(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` that keeps no activations for backward: they are recomputed then (gradient
+    checkpointing). Nests: a checkpointed function may call checkpointed parts (a model's blocks)."""
+    hooks = _Checkpoint(fn, args, kwargs)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-        return fn(x)
+        return fn(*args, **kwargs)
 
 
 def _denoise(model, x, sigma, extra, use_checkpoint):

@@ -245,3 +245,46 @@ def test_checkpointed_calls_keep_no_activations_and_respect_stop_grad_input(setu
     loss_of(out.x).backward()
     assert len(seen) == calls + 2                  # the two grad steps ran once more, in backward
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_checkpointed_blocks_nest_inside_a_checkpointed_step():
+    """Blocks of a model recomputed in backward (tuples in and out, extra tensors) inside a step that is itself
+    recomputed: the same gradients as plain autograd."""
+    from rewardlab.samplers.runner import recompute_in_backward
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f, self.g = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, h, other, scale):
+            h = h * 1.0
+            h += self.f(torch.tanh(h)) * scale
+            return h, other + self.g(h)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x, sigma):
+            h, other = x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt(), torch.zeros_like(x)
+            for block in self.blocks:
+                h, other = block(h, other, scale=sigma.view(-1, 1, 1, 1).log())
+            return h + other
+
+    torch.manual_seed(0)
+    net = Net()
+    sigmas = sigma_schedule("karras", 3, scaled_linear_model_sigmas())
+
+    def grads(checkpoint):
+        x = (torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(2)) * sigmas[0]).requires_grad_(True)
+        out = sample(ModuleDenoiser(net, "eps"), x, sigmas, "euler", Policy.all(checkpoint=checkpoint)).x
+        return torch.autograd.grad(loss_of(out), [x, *net.parameters()])
+
+    plain = grads(False)
+    for block in net.blocks:                  # what host.grad.checkpoint_blocks does to a ComfyUI model
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: recompute_in_backward(_f, *a, **k)
+    for got, want in zip(grads(True), plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
