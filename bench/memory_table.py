@@ -10,9 +10,13 @@ built on the ``meta`` device (no memory, no weights). For each family it reports
                     weights the layers keep (``weight_copies_gib``: ComfyUI layers on a grad-ready clone work on a
                     copy of each weight, so those are extra memory)
   vae_saved_gib     the same for the differentiable VAE decode of one image
+  saved_blocks_gib  the same with the model's blocks recomputed in backward (checkpointing on, in ComfyUI)
   estimate_gib      weights + saved + weight copies + VAE decode + LoRA training state (16 bytes/param) + a
-                    CLIP-L-sized reward (0.9 GiB): the peak of a DRaFT-1 step with step checkpointing, where the one
-                    grad call is recomputed in backward.
+                    CLIP-L-sized reward (0.9 GiB): the peak of a DRaFT-1 step when only the step is recomputed
+  estimate_blocks_tiled_gib   the same with block checkpointing and a VAE decode in 512 px tiles
+
+Attention is counted with PyTorch's math kernel (meta tensors), which keeps the attention matrix; flash attention on
+a GPU keeps only its log-sum-exp, so real activations are smaller where sequences are long.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/memory_table.py [--families sd15 sdxl sd3 flux lumina2]
 """
@@ -91,6 +95,35 @@ def saved_bytes(torch, run):
     return totals["activations"], totals["weights"]
 
 
+def tensor_bytes(value):
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    return 0
+
+
+def saved_with_blocks(torch, model, run):
+    """Saved bytes of one grad call with every block recomputed in backward (host.grad.checkpoint_blocks): what the
+    call keeps outside the blocks, the blocks' inputs, and the largest block's own activations (alive while that
+    block is recomputed)."""
+    from rewardlab.host.grad import model_blocks
+    per_block, inputs = [], [0]
+    for _, block in model_blocks(model):
+        def counted(*args, _forward=block.forward, **kwargs):
+            box = {}
+            acts, _ = saved_bytes(torch, lambda: box.setdefault("out", _forward(*args, **kwargs)))
+            per_block.append(acts)
+            inputs[0] += tensor_bytes(args) + tensor_bytes(kwargs)
+            return box["out"]
+        block.forward = counted
+    outside, _ = saved_bytes(torch, run)
+    return outside + inputs[0] + max(per_block, default=0)
+
+
 def vae_decoder_saved(torch, ops, latent):
     from comfy.ldm.modules.diffusionmodules.model import Decoder
     c, h, w = latent
@@ -125,14 +158,19 @@ def row(name, spec, torch, ops):
     x = torch.randn(batch, *latent, device="meta", dtype=torch.bfloat16, requires_grad=True)
     t = torch.ones(batch, device="meta")
     acts, weights = saved_bytes(torch, lambda: model(x, t, **inputs(batch)))
+    blocks = saved_with_blocks(torch, model, lambda: model(x, t, **inputs(batch)))
     vae = vae_decoder_saved(torch, ops, latent)
+    vae_tile = vae_decoder_saved(torch, ops, (latent[0], 64, 64))        # 512 px tiles, one alive at a time
     lora = lora_params(torch, model)
-    estimate = (2 * params + acts + weights + vae + 16 * lora["attention"]) / GIB + 0.9
+    fixed = 2 * params + 16 * lora["attention"] + 0.9 * GIB               # weights, LoRA training state, reward
     return {"family": name, "resolution": latent[-1] * 8, "params_b": round(params / 1e9, 3),
             "lora_params_m_rank8": {k: round(v / 1e6, 2) for k, v in lora.items()},
             "lora_file_mib_rank8_fp32": {k: round(4 * v / 2 ** 20, 1) for k, v in lora.items()},
             "cfg_batch": batch, "saved_gib": round(acts / GIB, 2), "weight_copies_gib": round(weights / GIB, 2),
-            "vae_saved_gib": round(vae / GIB, 2), "estimate_gib": round(estimate, 1)}
+            "saved_blocks_gib": round(blocks / GIB, 2), "vae_saved_gib": round(vae / GIB, 2),
+            "vae_tiled_saved_gib": round(vae_tile / GIB, 2),
+            "estimate_gib": round((fixed + acts + weights + vae) / GIB, 1),
+            "estimate_blocks_tiled_gib": round((fixed + blocks + vae_tile) / GIB, 1)}
 
 
 def main(argv=None):

@@ -76,14 +76,28 @@ def checkpoint_blocks(model_patcher):
     """Recompute each block of the diffusion model in backward instead of keeping its activations (gradient
     checkpointing inside one model call, as ComfyUI's own trainer offers): a call that records gradients then keeps
     only the blocks' inputs, which is what lets a DRaFT or ReNO step of a large DiT fit. The blocks are the entries
-    of the model's block lists (input/output blocks, joint/double/single blocks, layers); the patch lives on this
-    clone only and goes away when it is unloaded."""
-    dm = model_patcher.model.diffusion_model
-    for list_name, blocks in dm.named_children():
-        if isinstance(blocks, torch.nn.ModuleList):
-            for i, block in enumerate(blocks):
-                model_patcher.add_object_patch(f"diffusion_model.{list_name}.{i}.forward", _recomputed(block.forward))
+    of the model's block lists (``model_blocks``); the patch lives on this clone only and goes away when it is
+    unloaded."""
+    for name, block in model_blocks(model_patcher.model.diffusion_model):
+        model_patcher.add_object_patch(f"diffusion_model.{name}.forward", _recomputed(block.forward))
     return model_patcher
+
+
+def model_blocks(network):
+    """(name, module) of the blocks a diffusion model calls one after another: the entries of its block lists and
+    its middle block; a UNet level (a Sequential its forward walks layer by layer) gives its layers."""
+    for list_name, child in network.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            entries = [(f"{list_name}.{i}", block) for i, block in enumerate(child)]
+        elif list_name == "middle_block":
+            entries = [(list_name, child)]
+        else:
+            continue
+        for name, block in entries:
+            if isinstance(block, torch.nn.Sequential):
+                yield from ((f"{name}.{j}", layer) for j, layer in enumerate(block))
+            else:
+                yield name, block
 
 
 def _recomputed(forward):
