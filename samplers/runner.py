@@ -120,9 +120,10 @@ def _autocast_states():
 
 
 def _detached(value):
-    """Tensors (also inside tuples, lists and dicts) detached, keeping whether they require grad."""
+    """Tensors (also inside tuples, lists and dicts) cut from their graph, keeping whether they require grad; one
+    that does is a copy with history (not a leaf), since models may update their inputs in place (Flux's blocks)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad)
+        return value.detach().requires_grad_(True).clone() if value.requires_grad else value.detach()
     if isinstance(value, (tuple, list)):
         return type(value)(_detached(v) for v in value)
     if isinstance(value, dict):

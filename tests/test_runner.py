@@ -288,3 +288,26 @@ def test_checkpointed_blocks_nest_inside_a_checkpointed_step():
         block.forward = lambda *a, _f=forward, **k: recompute_in_backward(_f, *a, **k)
     for got, want in zip(grads(True), plain):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_checkpointed_function_may_update_its_input_in_place():
+    """Flux's blocks add to their ``txt`` input in place; the recomputation must accept that too."""
+    from rewardlab.samplers.runner import inplace_safe, recompute_in_backward
+    w = torch.randn(4, 4, requires_grad=True)
+
+    def block(h):
+        h += torch.tanh(h @ w)
+        return h
+
+    def run(checkpoint):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        h = x * 2
+        if checkpoint:
+            out = recompute_in_backward(block, h)
+        else:
+            with inplace_safe():
+                out = block(h * 1.0)
+        return torch.autograd.grad(out.square().sum(), [x, w])
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want)
