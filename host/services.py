@@ -109,6 +109,11 @@ class ComfyRuntime(runtime.Runtime):
         return fp.get_output_directory() if fp is not None else super().output_directory()
 
 
+def managed_patchers():
+    """The ModelPatchers of the reward models handed to ComfyUI's memory manager."""
+    return list(_MANAGED.values())
+
+
 def resolve_device(policy):
     """A device choice of a node ("auto": ComfyUI's device, "gpu": require one, "cpu") as a torch.device."""
     if policy == "cpu":
