@@ -30,6 +30,18 @@ def is_flow(model_sampling):
     return model_kind(model_sampling) == "CONST"
 
 
+def skip_coefficient(model_sampling, sigma):
+    """c_skip(σ) of ComfyUI's calculate_denoised: 1 for EPS and CONST (x − σ·out), σd²/(σ² + σd²) for V_PREDICTION
+    and EDM, 0 for X0-type predictions."""
+    kind = model_kind(model_sampling)
+    if kind in ("EPS", "CONST"):
+        return 1.0
+    if kind in ("V_PREDICTION", "EDM"):
+        sd = float(getattr(model_sampling, "sigma_data", 1.0))
+        return sd**2 / (float(sigma) ** 2 + sd**2)
+    return 0.0
+
+
 @dataclass
 class ModelInfo:
     latent_channels: int
