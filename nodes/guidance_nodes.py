@@ -126,10 +126,16 @@ class RewardLabGuidanceInterval:
             "axis": (ALL_AXES, {"default": "sigma_edm", "tooltip": "sigma_edm = σ in EDM units (the model's σ for SD1.5/"
                                 "SDXL, σ/(1-σ) for flow models); sigma = the raw σ; log_snr; or a progress axis."}),
             "outside": _float(1.0, 0.0, 100.0, 0.1, "cfg outside the interval (1 = no guidance, uncond skipped)."),
-        }, "optional": {"cfg_schedule": _schedule_socket("the weight inside the interval")}}
+        }, "optional": {
+            "cfg_schedule": _schedule_socket("the weight inside the interval"),
+            "decide": (["per call", "per step"], {"default": "per call", "tooltip": "per call: the paper's w(σ) at "
+                       "every model call's σ. per step: once per sampling step from the σ it starts at, as the "
+                       "authors' sampler does (off-grid midpoint calls of 2S/SDE samplers follow their step)."}),
+        }}
 
-    def build(self, cfg, low, high, axis, outside, cfg_schedule=None):
-        return (g.Interval(weight(cfg, cfg_schedule), low, high, axis, outside),)
+    def build(self, cfg, low, high, axis, outside, cfg_schedule=None, decide="per call"):
+        return (g.Interval(weight(cfg, cfg_schedule), low, high, axis, outside,
+                           decide="step" if decide == "per step" else "call"),)
 
 
 class RewardLabGuidanceKeyframes:
@@ -230,23 +236,32 @@ class RewardLabGuidanceTransform:
 # --- guiders -----------------------------------------------------------------------------------------------------
 
 def combiner_inputs():
+    paper = g.COMBINER_PAPER
     return {
         "combiner": (COMBINERS, {"default": "cfg", "tooltip": "cfg: D_u + w(D_c - D_u). apg: Adaptive Projected "
                      "Guidance at the paper's scale (w - 1). cfg_zero_star: CFG-Zero* in velocity space. cfg_rescale: "
                      "Lin et al. rescale (φ)."}),
-        "apg_eta": _float(0.0, 0.0, 1.0, 0.01, "APG η: weight of the update parallel to D_c (the paper suggests 0)."),
-        "apg_norm_threshold": _float(0.0, 0.0, 100.0, 0.1, "APG r: cap on ‖Δ‖ per image (0 = no cap)."),
-        "apg_momentum": _float(0.0, -1.0, 1.0, 0.01, "APG β: running-average momentum (negative in the paper)."),
-        "zero_init_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "CFG-Zero*: first steps with a zero "
-                                    "velocity (no model call); the authors use about 4% of the steps."}),
-        "rescale_phi": _float(0.7, 0.0, 1.0, 0.01, "CFG-rescale φ: mix of the rescaled and the plain CFG result."),
+        "preset": (["custom", "paper"], {"default": "custom", "tooltip": "paper: the combiner's published values "
+                   "(APG η 0, r 15, β −0.5; CFG-Zero* zeroes the first step; rescale φ 0.7) replace the widgets below. "
+                   "custom: the widgets. The defaults already are the papers' values."}),
+        "apg_eta": _float(paper["apg_eta"], 0.0, 1.0, 0.01, "APG η: weight of the update parallel to D_c (paper: 0)."),
+        "apg_norm_threshold": _float(paper["apg_norm_threshold"], 0.0, 100.0, 0.1, "APG r: cap on ‖Δ‖ per image "
+                                     "(paper: 15 for SDXL, 2.5 for EDM2; 0 = no cap)."),
+        "apg_momentum": _float(paper["apg_momentum"], -1.0, 1.0, 0.01, "APG β: running-average momentum (paper: −0.5, "
+                               "a reverse momentum; 0 = off)."),
+        "zero_init_steps": ("INT", {"default": paper["zero_init_steps"], "min": 0, "max": 100, "tooltip": "CFG-Zero*: "
+                                    "first steps with a zero velocity (no model call). 1 = the paper's first step; "
+                                    "the authors suggest about 4% of the steps; 0 = off."}),
+        "rescale_phi": _float(paper["rescale_phi"], 0.0, 1.0, 0.01, "CFG-rescale φ: mix of the rescaled and the plain "
+                              "CFG result (paper: 0.7)."),
         "space": (SPACES, {"default": "default", "tooltip": "Prediction space of the combiner (default: apg x0, "
                            "cfg_zero_star velocity, cfg_rescale v_pred). CFG is the same in every space."}),
         "adaptive_guidance": ("BOOLEAN", {"default": False, "tooltip": "Adaptive Guidance (Castillo et al.): once cond "
                               "and uncond agree (cosine ≥ threshold), later steps skip the negative prompt entirely."}),
         "adaptive_threshold": _float(0.99, 0.0, 1.0, 0.0001, "Adaptive Guidance cosine-similarity threshold."),
         "adaptive_space": (SPACES[1:], {"default": "x0", "tooltip": "Space in which Adaptive Guidance compares cond "
-                           "and uncond (x0 is robust across ε / v / flow models)."}),
+                           "and uncond. The paper compares ε; at high noise ε is dominated by the shared x/σ term and "
+                           "latches at once (docs/methods.md §4.8), so x0 is the default."}),
     }
 
 

@@ -42,13 +42,17 @@ class CFG(Combiner):
         return "CFG()"
 
 
+APG_PAPER = dict(eta=0.0, norm_threshold=15.0, momentum=-0.5)      # the paper's SDXL values (docs/methods.md §4.5)
+
+
 class APG(Combiner):
     """Adaptive Projected Guidance (Sadat, Hilliges, Weber, 2410.02416), at the paper's scale:
         Δ = D_c - D_u;  Δ <- Δ + β·Δ_prev (running average);  Δ <- Δ·min(1, r/‖Δ‖);
         D = D_c + (w - 1)·(Δ⊥ + η·Δ∥),  Δ∥ the projection of Δ on D_c.
-    At η = 1, r = 0 (off), β = 0 this is CFG at w. The momentum lives in the per-run state."""
+    Defaults are the paper's (η 0, r 15, β −0.5: its SDXL row); at η = 1, r = 0 (off), β = 0 this is CFG at w.
+    The momentum lives in the per-run state."""
 
-    def __init__(self, eta=0.0, norm_threshold=0.0, momentum=0.0, space="x0"):
+    def __init__(self, eta=0.0, norm_threshold=15.0, momentum=-0.5, space="x0"):
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
         self.space = _check_space(space)
 
@@ -75,9 +79,11 @@ class APG(Combiner):
 class CFGZeroStar(Combiner):
     """CFG-Zero* (Fan et al., 2503.18886) in velocity space: s* = <v_c, v_u>/‖v_u‖² per sample,
     v = s*·v_u + w·(v_c - s*·v_u); the first ``zero_init_steps`` steps output v = 0 (D = x) with no model call.
+    The default, 1, zeroes the first step as the paper's listing and the authors' pipelines (``i <= zero_steps``
+    with zero_steps = 0) do; N zeroed steps = their zero_steps = N − 1 (the README suggests ~4 % of the steps).
     Done in D space instead (ComfyUI core's post-CFG node) it is off by (1 - w)(1 - s*)·x."""
 
-    def __init__(self, zero_init_steps=0, space="velocity"):
+    def __init__(self, zero_init_steps=1, space="velocity"):
         self.zero_init_steps = int(zero_init_steps)
         self.space = _check_space(space)
 
@@ -126,10 +132,20 @@ def apply_combiner(combiner, D_c, D_u, x, sigma, ctx, w):
 COMBINER_NAMES = ("cfg", "apg", "cfg_zero_star", "cfg_rescale")
 
 
-def make_combiner(name, apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=0.0, zero_init_steps=0, rescale_phi=0.7,
-                  space="default"):
+COMBINER_PAPER = {"apg_eta": APG_PAPER["eta"], "apg_norm_threshold": APG_PAPER["norm_threshold"],
+                  "apg_momentum": APG_PAPER["momentum"], "zero_init_steps": 1, "rescale_phi": 0.7}
+
+
+def make_combiner(name, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, zero_init_steps=1, rescale_phi=0.7,
+                  space="default", preset="custom"):
     """A combiner by name, with its options (the names the guidance nodes use); space "default" keeps the
-    combiner's own prediction space."""
+    combiner's own prediction space. preset "paper" replaces the options by the papers' values (COMBINER_PAPER)."""
+    if preset not in ("custom", "paper"):
+        raise ValueError(f"preset must be 'custom' or 'paper', got {preset!r}")
+    if preset == "paper":
+        apg_eta, apg_norm_threshold, apg_momentum, zero_init_steps, rescale_phi = (
+            COMBINER_PAPER[k] for k in ("apg_eta", "apg_norm_threshold", "apg_momentum", "zero_init_steps",
+                                        "rescale_phi"))
     kw = {} if space == "default" else {"space": space}
     if name == "cfg":
         return CFG()
