@@ -147,10 +147,11 @@ def bchw_to_image(x):
 # --- sampling choices and noise ----------------------------------------------------------------------------------
 
 def scheduler_names():
-    """ComfyUI's scheduler names (for node dropdowns), or the core's outside ComfyUI."""
+    """ComfyUI's scheduler names plus "align_your_steps" (for node dropdowns), or the core's outside ComfyUI."""
     samplers = optional("comfy.samplers")
     if samplers is not None:
-        return list(samplers.SCHEDULER_NAMES)
+        from .models import AYS_SCHEDULER
+        return [*samplers.SCHEDULER_NAMES, AYS_SCHEDULER]
     from ..samplers.sigmas import SCHEDULER_NAMES
     return list(SCHEDULER_NAMES)
 

@@ -262,6 +262,10 @@ def combiner_inputs():
         "adaptive_space": (SPACES[1:], {"default": "x0", "tooltip": "Space in which Adaptive Guidance compares cond "
                            "and uncond. The paper compares ε; at high noise ε is dominated by the shared x/σ term and "
                            "latches at once (docs/methods.md §4.8), so x0 is the default."}),
+        "linear_ag": ("BOOLEAN", {"default": False, "tooltip": "LinearAG (Castillo et al.): on every other step of the "
+                      "first half the negative prompt is not evaluated but estimated as an affine function of the "
+                      "current and previous predictions. The first run with a step count calibrates the coefficients "
+                      "(full cost); later runs with that step count save those evaluations."}),
     }
 
 
@@ -363,10 +367,15 @@ class RewardLabRewardGuider:
             "gradient": (["through model", "x0 only"], {"default": "x0 only", "tooltip": "through model: the paper's "
                          "gradient through the denoiser (needs a grad-ready model copy, slow); x0 only: the cheap variant "
                          "differentiating the reward w.r.t. x̂0."}),
-        }, "optional": {"strength_schedule": _schedule_socket("the strength")}}
+        }, "optional": {
+            "strength_schedule": _schedule_socket("the strength"),
+            "recurrence": ("INT", {"default": 1, "min": 1, "max": 20, "tooltip": "Self-recurrence k (the paper's "
+                           "Algorithm 1): at each guided step, step, re-noise back and guide again, k times in all "
+                           "(k× the cost; the paper's examples use 2 to 10). 1 = off."}),
+        }}
 
     def build(self, guider, vae, reward, prompt, strength, start, end, backward_steps, backward_lr, gradient,
-              strength_schedule=None):
+              strength_schedule=None, recurrence=1):
         vae_patcher = grad_vae(vae)
         prompts = prompt.strip() or None
 
@@ -376,9 +385,70 @@ class RewardLabRewardGuider:
         through = gradient == "through model"
         guidance = g.RewardGuidance(score, lambda latent: decode(vae, latent, patcher=vae_patcher),
                                     weight(strength, strength_schedule), start, end, backward_steps, backward_lr,
-                                    through_model=through)
+                                    through_model=through, recurrence=recurrence)
         model = grad_ready(guider.model_patcher) if through else None
         return (comfy_guidance.derive_guider(guider, model=model, reward=guidance),)
+
+
+class RewardLabPAGGuider:
+    DESCRIPTION = ("Perturbed-Attention Guidance (Ahn et al. 2403.17377): one more conditional model call per step with "
+                   "the self-attention of the chosen UNet blocks replaced by the identity, and D += s·(D_cond − "
+                   "D_perturbed). Works with or without CFG; the scale takes a schedule.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("The guider with the PAG term (connect to SamplerCustomAdvanced).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "A CFGGuider or RewardLab Scheduled Guider (left unchanged)."}),
+            "scale": _float(3.0, 0.0, 100.0, 0.01, "s: PAG scale (the authors' SD example uses 5 without CFG; "
+                            "ComfyUI and diffusers use 3 with CFG)."),
+            "layers": ("STRING", {"default": "middle.0", "tooltip": "UNet blocks whose self-attention is perturbed: "
+                                  "block.index[.transformer], e.g. 'middle.0' (the paper's SD choice), 'input.4', "
+                                  "'output.1'; comma-separated."}),
+            "start": _float(0.0, 0.0, 1.0, 0.01, "First step fraction i/n with PAG."),
+            "end": _float(1.0, 0.0, 1.0, 0.01, "Last step fraction i/n with PAG."),
+        }, "optional": {"scale_schedule": _schedule_socket("the PAG scale")}}
+
+    def build(self, guider, scale, layers, start, end, scale_schedule=None):
+        term = g.GuidanceTerm("pag", weight(scale, scale_schedule), comfy_guidance.parse_layers(layers, "pag"), start,
+                              end)
+        return (_with_term(guider, term),)
+
+
+class RewardLabSLGGuider:
+    DESCRIPTION = ("Skip-Layer Guidance (Stability AI, SD3.5): one more conditional model call per step with the "
+                   "chosen DiT blocks skipped, and D += s·(D_cond − D_skipped), inside a window of the steps. For DiT "
+                   "models (SD3, Flux, ...); use Perturbed-Attention Guidance for UNets.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("The guider with the SLG term (connect to SamplerCustomAdvanced).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "A CFGGuider or RewardLab Scheduled Guider (left unchanged)."}),
+            "scale": _float(2.8, 0.0, 100.0, 0.01, "s: SLG scale (Stability's SD3.5 Medium value: 2.8)."),
+            "layers": ("STRING", {"default": "7, 8, 9", "tooltip": "DiT blocks to skip: numbers (double/joint blocks) "
+                                  "or 'single.N' (Flux single blocks), comma-separated. SD3.5 Medium: 7, 8, 9."}),
+            "start": _float(0.01, 0.0, 1.0, 0.001, "SLG runs while start < i/n < end (Stability: 0.01)."),
+            "end": _float(0.2, 0.0, 1.0, 0.001, "SLG runs while start < i/n < end (Stability: 0.2)."),
+        }, "optional": {"scale_schedule": _schedule_socket("the SLG scale")}}
+
+    def build(self, guider, scale, layers, start, end, scale_schedule=None):
+        term = g.GuidanceTerm("slg", weight(scale, scale_schedule), comfy_guidance.parse_layers(layers, "slg"), start,
+                              end)
+        return (_with_term(guider, term),)
+
+
+def _with_term(guider, term):
+    base = guider.spec.terms if isinstance(guider, comfy_guidance.scheduled_guider_class()) else ()
+    return comfy_guidance.derive_guider(guider, terms=tuple(base) + (term,))
 
 
 class RewardLabPlotGuidanceSchedule:
@@ -419,6 +489,8 @@ NODE_CLASS_MAPPINGS = {
     "RewardLabApplyGuidanceSchedule": RewardLabApplyGuidanceSchedule,
     "RewardLabCADSGuider": RewardLabCADSGuider,
     "RewardLabRewardGuider": RewardLabRewardGuider,
+    "RewardLabPAGGuider": RewardLabPAGGuider,
+    "RewardLabSLGGuider": RewardLabSLGGuider,
     "RewardLabPlotGuidanceSchedule": RewardLabPlotGuidanceSchedule,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -433,5 +505,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RewardLabApplyGuidanceSchedule": "Apply Guidance Schedule",
     "RewardLabCADSGuider": "CADS (Condition Annealing)",
     "RewardLabRewardGuider": "Reward Guidance",
+    "RewardLabPAGGuider": "Perturbed-Attention Guidance",
+    "RewardLabSLGGuider": "Skip-Layer Guidance",
     "RewardLabPlotGuidanceSchedule": "Plot Guidance Schedule",
 }

@@ -233,3 +233,35 @@ def test_out_of_memory_names_the_settings_to_change():
 def test_norm_helper_is_per_sample():
     z = noise(3)
     assert torch.allclose(noise_norms(z), torch.stack([z[i].norm() for i in range(3)]))
+
+
+@pytest.mark.parametrize("preset", ["ReNO (paper)", "DOODL (paper)"])
+def test_reno_node_presets_run_the_published_settings(monkeypatch, preset):
+    """The node's preset replaces its widgets (a toy chain stands in for the ComfyUI host)."""
+    from rewardlab.nodes import noise_nodes
+    from rewardlab.noise import DOODL_PAPER, RENO_PAPER
+    from rewardlab.rewards.simple import build
+    seen = {}
+
+    def fake_host(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler, seed, batch, method):
+        chain = toy_chain("eps", steps=2)
+        seen["result"] = method(chain, noise())
+        return seen["result"], (None, None, None)
+    monkeypatch.setattr(noise_nodes, "run_noise_method", fake_host)
+    captured = {}
+    real = noise_nodes.optimise_noise
+
+    def spy(chain, reward, noise_, prompts=None, **kw):
+        captured.update(kw, reward=reward)
+        return real(chain, TargetReward(), noise_, prompts, **{**kw, "iterations": 3})
+    monkeypatch.setattr(noise_nodes, "optimise_noise", spy)
+    reward = build("hps-v2.1", {"kind": "brightness"})
+    noise_nodes.RewardLabReNOOptimiseNoise().optimise(
+        None, None, None, None, None, reward, 2, "euler", "karras", 1.0, 0, 1, iterations=7, lr=0.3, reg_weight=0.5,
+        preset=preset, optimizer="adam", grad_clip=9.0, clip="norm", keep="best", perturbation=0.3)
+    paper = RENO_PAPER if preset == "ReNO (paper)" else DOODL_PAPER
+    for key, value in paper.items():
+        assert captured[key] == value, key
+    if preset == "ReNO (paper)":
+        assert captured["reward"].weights == [5.0]                  # the HPS member gets ReNO's weight
+    assert len(seen["result"].history) == 3

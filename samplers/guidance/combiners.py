@@ -174,6 +174,10 @@ class Gate:
     def observe(self, ctx, D_c, D_u, x, sigma):
         pass
 
+    def estimate_uncond(self, ctx, D_c, x, sigma):
+        """D_u for a call whose uncond branch this gate skipped, or None (the call then returns D_c)."""
+        return None
+
 
 class AdaptiveGuidance(Gate):
     """Adaptive Guidance (Castillo et al., 2312.12487): γ_t = cos(cond, uncond) in ``space``, per sample; once the
@@ -202,3 +206,70 @@ class AdaptiveGuidance(Gate):
 
     def __repr__(self):
         return f"AdaptiveGuidance(threshold={self.threshold}, space={self.space!r}, start={self.start})"
+
+
+def fit_affine(target, regressors):
+    """Least-squares scalars c minimising ‖target − Σ_j c_j·regressors_j‖² over every element (float64)."""
+    A = torch.stack([r.flatten().double() for r in regressors], 1)
+    return torch.linalg.lstsq(A, target.flatten().double().unsqueeze(1)).solution.flatten().tolist()
+
+
+class LinearAG(Gate):
+    """LinearAG (Castillo et al., 2312.12487, the affine variant of Adaptive Guidance): on some steps of the first
+    part of sampling the uncond network evaluation is replaced by an affine function of past estimates,
+        ε_u(t) ≈ a_t·ε_c(t) + b_t·ε_c(t−1) + c_t·ε_u(t−1)          (in ``space``, ε by default)
+    with scalar coefficients per step fitted by least squares. Estimated steps: every ``every``-th step from step
+    ``every`` − 1 while step progress < ``until``. A run whose step count has no coefficients yet calibrates: it
+    evaluates every branch and fits each estimated step's coefficients; later runs with that step count use them
+    (``coefficients`` persists on this object, by step count)."""
+
+    def __init__(self, every=2, until=0.5, space="eps"):
+        if every < 2:
+            raise ValueError(f"LinearAG estimates every n-th step with n ≥ 2 (1 would estimate from estimates), got {every}")
+        self.every, self.until, self.space = int(every), float(until), _check_space(space)
+        self.coefficients = {}
+
+    def estimated(self, ctx):
+        i = ctx.step
+        return (ctx.sigma_next is not None and i >= 1 and int(i) % self.every == self.every - 1
+                and ctx.p_step < self.until)
+
+    def _table(self, ctx):
+        return self.coefficients.get(ctx.n_steps)
+
+    def _history(self, ctx):
+        return ctx.state.setdefault(("linear_ag", id(self)), {})
+
+    def needs_uncond(self, ctx):
+        table = self._table(ctx)
+        i = int(ctx.step)
+        return not (self.estimated(ctx) and table is not None and i in table and i - 1 in self._history(ctx))
+
+    def observe(self, ctx, D_c, D_u, x, sigma):
+        if ctx.sigma_next is None:                       # off-grid calls (2nd-order midpoints) are not recorded
+            return
+        i = int(ctx.step)
+        c = to_space(D_c, x, sigma, ctx.kind, self.space).detach()
+        u = to_space(D_u, x, sigma, ctx.kind, self.space).detach()
+        history = self._history(ctx)
+        history[i] = (c, u)
+        table = self.coefficients.setdefault(ctx.n_steps, {})
+        if self.estimated(ctx) and i - 1 in history and i not in table:       # calibration run: fit this step
+            prev_c, prev_u = history[i - 1]
+            table[i] = fit_affine(u, (c, prev_c, prev_u))
+
+    def estimate_uncond(self, ctx, D_c, x, sigma):
+        table = self._table(ctx)
+        history = self._history(ctx)
+        i = int(ctx.step)
+        if not self.estimated(ctx) or table is None or i not in table or i - 1 not in history:
+            return None
+        a, b, c = table[i]
+        cur = to_space(D_c, x, sigma, ctx.kind, self.space)
+        prev_c, prev_u = history[i - 1]
+        u = a * cur + b * prev_c + c * prev_u
+        history[i] = (cur.detach(), u.detach())
+        return from_space(u.to(D_c.dtype), x, sigma, ctx.kind, self.space)
+
+    def __repr__(self):
+        return f"LinearAG(every={self.every}, until={self.until}, space={self.space!r})"
