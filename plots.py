@@ -106,6 +106,38 @@ def image_grid(images, columns=None, pad=2):
     return grid.clamp(0, 1).movedim(0, -1).unsqueeze(0)
 
 
+def labelled_panels(panels, columns=2, scale=4, gap=12, header=34):
+    """Image grids side by side, each under its caption lines: ``panels`` is a list of (lines, images (B, 3, H, W)
+    in [0, 1]). Images are enlarged ``scale`` times (nearest neighbour). Returns one ComfyUI IMAGE."""
+    grids = []
+    for lines, images in panels:
+        if scale > 1:
+            images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        grids.append((lines, image_grid(images, columns)[0]))
+    height = header + max(g.shape[0] for _, g in grids)
+    width = sum(g.shape[1] for _, g in grids) + gap * (len(grids) + 1)
+    canvas = Image.new("RGB", (width, height + gap), "white")
+    d = ImageDraw.Draw(canvas)
+    x = gap
+    for lines, grid in grids:
+        for k, line in enumerate(lines):
+            d.text((x, 4 + 12 * k), line, fill=(0, 0, 0))
+        canvas.paste(Image.fromarray((grid.numpy() * 255).round().astype("uint8")), (x, header))
+        x += grid.shape[1] + gap
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+
+
+def stack_images(images, gap=8):
+    """ComfyUI IMAGEs (1, H, W, 3) stacked vertically on white (plots of different sizes)."""
+    width = max(i.shape[2] for i in images)
+    out = torch.ones(1, sum(i.shape[1] for i in images) + gap * (len(images) - 1), width, 3)
+    y = 0
+    for i in images:
+        out[:, y:y + i.shape[1], :i.shape[2]] = i
+        y += i.shape[1] + gap
+    return out
+
+
 def heat_colours(h):
     """Black-red-yellow-white map for h in [0, 1], (B, 1, H, W) -> (B, 3, H, W)."""
     return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], 1)

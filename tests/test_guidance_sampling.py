@@ -225,3 +225,23 @@ def test_unbound_guided_denoiser_explains_itself():
     _, guided, _, _ = setup(scale=3.0)
     with pytest.raises(RuntimeError, match="run\\(sigmas\\)"):
         guided(torch.zeros(1, 3, 8, 8), torch.ones(1))
+
+
+def test_adaptive_guidance_space_decides_when_it_latches():
+    """Why x̂0 is the default space (docs/methods.md §4.8): on the tiny model the ε-space cosine of cond and uncond
+    is ≥ 0.99 already at the first step (ε̂ ≈ x/σ for both), so the paper's ε space latches at once; x̂0 latches later."""
+    from rewardlab.samplers import sigma_schedule
+    from rewardlab.tiny.model import load_tiny
+    tiny = load_tiny()
+    sigmas = sigma_schedule("karras", 12, tiny.model_sigmas)
+    latched = {}
+    for space in ("eps", "x0"):
+        gate = AdaptiveGuidance(0.99, space)
+        guided = GuidedDenoiser(tiny.denoiser, tiny.encode(["a red circle on a blue background"]), tiny.encode([""]),
+                                GuidanceSpec(scale=3.0, gates=(gate,)))
+        run = guided.run(sigmas)
+        with torch.no_grad():
+            sample(run, noise_scaling(sigmas[0], tiny.initial_noise(1, seed=0)), sigmas)
+        latched[space] = run.state[("adaptive_guidance", id(gate))]
+    print("adaptive guidance latches at step", latched)
+    assert latched["eps"] == 0 and latched["x0"] >= 3, latched
