@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 64, 16, 28, 40
 
 
@@ -106,7 +107,7 @@ def image_grid(images, columns=None, pad=2):
     return grid.clamp(0, 1).movedim(0, -1).unsqueeze(0)
 
 
-def labelled_panels(panels, columns=2, scale=4, gap=12, header=34):
+def labelled_panels(panels, columns=2, scale=4, gap=12):
     """Image grids side by side, each under its caption lines: ``panels`` is a list of (lines, images (B, 3, H, W)
     in [0, 1]). Images are enlarged ``scale`` times (nearest neighbour). Returns one ComfyUI IMAGE."""
     grids = []
@@ -114,6 +115,7 @@ def labelled_panels(panels, columns=2, scale=4, gap=12, header=34):
         if scale > 1:
             images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
         grids.append((lines, image_grid(images, columns)[0]))
+    header = 8 + 12 * max(len(lines) for lines, _ in grids)
     height = header + max(g.shape[0] for _, g in grids)
     width = sum(g.shape[1] for _, g in grids) + gap * (len(grids) + 1)
     canvas = Image.new("RGB", (width, height + gap), "white")

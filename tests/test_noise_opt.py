@@ -1,4 +1,4 @@
-"""ReNO / DOODL-style noise optimisation on toy denoisers (CPU, fixed seeds)."""
+"""ReNO / DOODL noise optimisation on toy denoisers (CPU, fixed seeds)."""
 import os
 import sys
 

@@ -178,7 +178,8 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
         if not panels:                             # the base model: LoRA strength 0
             images, rewards = trainer.sample_images(shown, seed=seed + 1, scale=0.0)
             summary["base"] = {"heldout_reward": float(rewards.mean()),
-                               "caption_accuracy": caption_accuracy(images, shown)}
+                               "caption_accuracy": caption_accuracy(images, shown),
+                               "heldout_during_training": trainer.evaluate(scale=0.0)}   # the curves' step 0
             panels.append((["base model", f"held-out reward {summary['base']['heldout_reward']:.3f}",
                             f"captions right {summary['base']['caption_accuracy']:.0%}"], images))
         trainer.train()
@@ -196,23 +197,17 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
     os.makedirs(out_dir, exist_ok=True)
     comparison = os.path.join(out_dir, "demo_comparison.png")
     save_image(labelled_panels(panels, columns=3, scale=4), comparison)
-    held = {f"{label} held-out": [r.get("heldout_reward", float("nan")) for r in record["log"]]
+    steps = [r["step"] for r in next(iter(summary["runs"].values()))["log"]]
+    scored = [0] + [r["step"] for r in next(iter(summary["runs"].values()))["log"] if "heldout_reward" in r]
+    held = {f"{label} held-out": [summary["base"]["heldout_during_training"]] +
+            [r["heldout_reward"] for r in record["log"] if "heldout_reward" in r]
             for label, record in summary["runs"].items()}
     curve_png = os.path.join(out_dir, "demo_curves.png")
-    save_image(stack_images([line_plot(curves, title=f"{reward_name}: training reward", xlabel="step"),
-                             line_plot({k: _fill(v) for k, v in held.items()}, title="held-out reward",
-                                       xlabel="step")]), curve_png)
+    save_image(stack_images([line_plot(curves, title=f"{reward_name}: training reward", xlabel="step", x=steps),
+                             line_plot(held, title="held-out reward (step 0: the base model)", xlabel="step",
+                                       x=scored)]), curve_png)
     summary.update(comparison=comparison, curves=curve_png)
     with open(os.path.join(out_dir, "demo_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     log(f"wrote {comparison}, {curve_png} and the LoRAs to {out_dir}")
     return summary
-
-
-def _fill(values):
-    """Carry the last scored value forward over the steps without a held-out score (for a step line)."""
-    out, last = [], float("nan")
-    for v in values:
-        last = v if v == v else last
-        out.append(last)
-    return out
