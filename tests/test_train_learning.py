@@ -71,6 +71,6 @@ def test_demo_compares_draft_and_draft_plus_on_held_out_prompts(model, tmp_path)
     for path in (plain["lora"], plus["lora"], summary["comparison"], summary["curves"]):
         assert (tmp_path / path.split("/")[-1]).exists()
     width, height = Image.open(summary["comparison"]).size
-    assert width > 3 * 3 * 128 and height > 4 * 128          # three panels of 3 x 4 held-out images, 4x enlarged
+    assert width > 3 * 3 * 128 and 2 * 128 < height < 3 * 128   # three panels of 3 x 2 held-out images, 4x enlarged
     assert len(TINY_HELDOUT) == 6 and "captions right" in lines[0]
     assert (tmp_path / "demo_summary.json").exists()

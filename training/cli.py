@@ -155,7 +155,8 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
     """The README demo on the embedded tiny model: DRaFT-1 against a weight-free reward, once plain and once with
     the DRaFT+ penalty to the frozen model (``kl_weight``), from the same seed. Writes demo_comparison.png (base |
     DRaFT-1 | DRaFT+ on held-out prompts, enlarged, each with its held-out reward and how many images still show
-    their caption), demo_curves.png, both LoRAs and demo_summary.json; returns the summary.
+    their caption; scored on two noises per caption, one shown), demo_curves.png, both LoRAs and demo_summary.json;
+    returns the summary.
     ``model``: a TinyModel to use instead of the shipped one (tests)."""
     import copy
 
@@ -181,7 +182,7 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
                                "caption_accuracy": caption_accuracy(images, shown),
                                "heldout_during_training": trainer.evaluate(scale=0.0)}   # the curves' step 0
             panels.append((["base model", f"held-out reward {summary['base']['heldout_reward']:.3f}",
-                            f"captions right {summary['base']['caption_accuracy']:.0%}"], images))
+                            f"captions right {summary['base']['caption_accuracy']:.0%}"], images[:len(TINY_HELDOUT)]))
         trainer.train()
         images, rewards = trainer.sample_images(shown, seed=seed + 1)
         record = {"kl_weight": kl, "heldout_reward": float(rewards.mean()),
@@ -189,7 +190,7 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
                   "log": [{k: v for k, v in r.items() if k != "seconds"} for r in trainer.log]}
         summary["runs"][label] = record
         panels.append(([label, f"held-out reward {record['heldout_reward']:.3f}",
-                        f"captions right {record['caption_accuracy']:.0%}"], images))
+                        f"captions right {record['caption_accuracy']:.0%}"], images[:len(TINY_HELDOUT)]))
         curves[f"{label} reward"] = [r["reward"] for r in trainer.log]
         log(f"{label}: held-out reward {summary['base']['heldout_reward']:.4f} -> {record['heldout_reward']:.4f}, "
             f"captions right {summary['base']['caption_accuracy']:.0%} -> {record['caption_accuracy']:.0%}")
