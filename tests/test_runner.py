@@ -181,7 +181,8 @@ def test_schedules():
     for name in SCHEDULER_NAMES:
         s = sigma_schedule(name, 7, ms)
         assert len(s) == 8 and s[-1] == 0 and (s.diff() < 0).all(), name
-        assert s[0] <= ms[-1] * (1 + 1e-6)
+        if not name.startswith("ays_"):                  # AYS: the published (rounded, family-specific) table
+            assert s[0] <= ms[-1] * (1 + 1e-6)
     torch.testing.assert_close(sigma_schedule("simple", 4, ms)[:-1], ms[[999, 749, 499, 249]])
     with pytest.raises(ValueError, match="unknown schedule"):
         sigma_schedule("nope", 4, ms)
@@ -311,3 +312,22 @@ def test_a_checkpointed_function_may_update_its_input_in_place():
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want)
+
+
+def test_align_your_steps_is_the_published_table_and_log_linear_in_between():
+    from rewardlab.samplers.sigmas import AYS_SIGMAS, align_your_steps, sigma_schedule
+    ten = sigma_schedule("ays_sd15", 10)
+    assert torch.allclose(ten[:-1], torch.tensor(AYS_SIGMAS["sd15"][:-1]))    # the howto page's values, then 0
+    assert ten[-1] == 0 and len(ten) == 11
+    assert torch.allclose(sigma_schedule("ays_sdxl", 10)[:4], torch.tensor([14.615, 6.315, 3.771, 2.181]))
+    assert float(sigma_schedule("ays_svd", 10)[0]) == 700.0
+    twenty = align_your_steps(20, "sdxl")
+    table = torch.tensor(AYS_SIGMAS["sdxl"])
+    assert torch.allclose(twenty[0:-1:2], table[:-1], rtol=1e-5)             # grid points fall on the table
+    mids = (table[:-1] * table[1:]).sqrt()                                     # log-linear: geometric means between
+    assert torch.allclose(twenty[1::2], mids, rtol=1e-5)
+    five = align_your_steps(5, "sd15")                                         # fewer steps than the table
+    expect = torch.tensor([AYS_SIGMAS["sd15"][i] for i in (0, 2, 4, 6, 8)])
+    assert torch.allclose(five[:-1], expect, rtol=1e-5) and five[-1] == 0
+    with pytest.raises(ValueError, match="publishes schedules for sd15"):
+        align_your_steps(10, "flux")
