@@ -1,8 +1,11 @@
 """The ``rewardlab`` command line. One function per subcommand; each registers its own arguments.
 
-    rewardlab demo [--out DIR]     sample the embedded tiny model, then DRaFT-train a LoRA on it (two stages)
+    rewardlab demo [--out DIR]     sample the embedded tiny model, then DRaFT-train two LoRAs on it (plain and with
+                                   the DRaFT+ penalty) and compare them with the base model on held-out prompts
 """
 import argparse
+import math
+import sys
 from pathlib import Path
 
 DEMO_CAPTIONS = (
@@ -13,6 +16,27 @@ DEMO_CAPTIONS = (
     "a blue circle on a yellow background",
     "a black square on a green background",
 )
+
+
+def at_least(minimum, kind=int, exclusive=False):
+    """An argparse ``type`` for a finite number >= ``minimum`` (> with ``exclusive``); anything else is a one-line
+    usage error with exit status 2."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if exclusive else '>='} {minimum}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = kind.__name__          # argparse names the type in its messages
+    return parse
+
+
+def one_line(error):
+    """An exception's message on one line (CLI errors end with exactly one line)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def demo_sample(args):
@@ -38,25 +62,33 @@ def demo_sample(args):
 
 
 def cmd_demo(args):
+    if args.kl_weight is None:
+        from .training.cli import DEMO_KL_WEIGHT
+        args.kl_weight = DEMO_KL_WEIGHT
     """``rewardlab demo``: the whole loop on the embedded model, no downloads."""
     result = demo_sample(args)
-    if args.train_steps > 0:        # stage 2: DRaFT-train a LoRA on a weight-free reward (training/cli.py)
+    if args.train_steps > 0:        # stage 2: DRaFT vs DRaFT+ on a weight-free reward (training/cli.py)
         from .training.cli import demo_training
-        result["draft"] = demo_training(str(Path(args.out) / "draft"), train_steps=args.train_steps, seed=args.seed)
+        result["draft"] = demo_training(str(Path(args.out) / "draft"), train_steps=args.train_steps, seed=args.seed,
+                                        kl_weight=args.kl_weight)
     return result
 
 
 def add_demo_parser(subparsers):
-    p = subparsers.add_parser("demo", help="sample the embedded tiny model, then DRaFT-train a LoRA on a weight-free reward")
+    p = subparsers.add_parser("demo", help="sample the embedded tiny model, then DRaFT-train LoRAs on a weight-free "
+                              "reward, with and without the DRaFT+ penalty, and compare them on held-out prompts")
     p.add_argument("--out", default="./rewardlab_out/demo", help="output folder (created if missing)")
     p.add_argument("--captions", nargs="+", help="captions to sample (default: a fixed set of six)")
-    p.add_argument("--per-caption", type=int, default=4, help="samples per caption (one grid row each)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--sampler", default="euler", help="step function: euler, ddim, euler_ancestral, dpmpp_2m")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the written PNGs")
-    p.add_argument("--train-steps", type=int, default=40, help="DRaFT training steps of stage 2 (0: skip)")
+    p.add_argument("--per-caption", type=at_least(1), default=4, help="samples per caption (one grid row each)")
+    p.add_argument("--steps", type=at_least(1), default=20, help="sampling steps")
+    p.add_argument("--cfg", type=at_least(0.0, float), default=3.0, help="classifier-free guidance scale")
+    from .samplers.steps import STEPS
+    p.add_argument("--sampler", default="euler", choices=list(STEPS), help="step function")
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--scale", type=at_least(1), default=4, help="nearest-neighbour upscaling of the written PNGs")
+    p.add_argument("--train-steps", type=at_least(0), default=40, help="DRaFT training steps of stage 2 (0: skip)")
+    p.add_argument("--kl-weight", type=at_least(0.0, float), default=None,
+                   help="DRaFT+ penalty weight of the second LoRA (default: 1.0, NeMo's kl_coeff)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -72,8 +104,19 @@ def build_parser():
     return parser
 
 
+def user_errors():
+    """Exceptions that mean "bad input" (a setting, a name, a file, a reward): one line and status 2, no traceback."""
+    from .rewards.weights import RewardWeightsError
+    return (ValueError, LookupError, OSError, RewardWeightsError)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except user_errors() as e:
+        print(f"rewardlab {args.command}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
 

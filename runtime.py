@@ -7,6 +7,7 @@ when the pack is loaded, so the same core code follows ComfyUI's devices, folder
 See docs/architecture.md ("dependencies point one way").
 """
 import os
+import re
 
 import torch
 
@@ -82,12 +83,60 @@ def install(runtime):
     return runtime
 
 
+# --- names of files we write -------------------------------------------------------------------------------------
+
+MAX_NAME_BYTES = 200      # per path component, in UTF-8; leaves room for "_00001" and ".safetensors" under 255
+MAX_PATH_CHARS = 1024
+FORBIDDEN_CHARS = '<>:"|?*'
+RESERVED_NAMES = frozenset(["CON", "PRN", "AUX", "NUL"]
+                           + [f"{d}{i}" for d in ("COM", "LPT") for i in "0123456789¹²³"])   # Windows devices
+
+
+def check_output_name(name, what="name", suffix=""):
+    """The user-given file ``name`` as a relative path with '/' between subfolders, or a ValueError that names the
+    fix. Refused: an empty name, '.' and '..', absolute paths, control characters and <>:"|?*, a part that starts or
+    ends with a space or ends with a dot, Windows device names (CON, NUL, COM1, ... also as 'nul.txt') and parts
+    longer than MAX_NAME_BYTES. A trailing ``suffix`` (".safetensors") is dropped; backslashes count as '/'.
+    Nothing is silently rewritten, so two different names never land on the same file."""
+    def refuse(problem):
+        shown = repr(name) if len(str(name)) <= 60 else f"{str(name)[:40]!r}... ({len(name)} characters)"
+        raise ValueError(f"{what} {shown} {problem}")
+
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be text, got {type(name).__name__}")
+    text = name.replace("\\", "/")
+    if suffix and text.lower().endswith(suffix.lower()):
+        text = text[: -len(suffix)]
+    if not text.strip():
+        refuse("is empty: type a file name such as 'my_lora'")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        refuse("is an absolute path: give a name (optionally with subfolders, 'styles/my_lora'); files always "
+               "go below the output folder")
+    if len(text) > MAX_PATH_CHARS:
+        refuse(f"is {len(text)} characters long: shorten it to at most {MAX_PATH_CHARS}")
+    for part in text.split("/"):
+        if part in ("", ".", ".."):
+            refuse("contains an empty, '.' or '..' folder: remove it (names cannot leave the output folder); "
+                   "use 'folder/name' for a subfolder")
+        bad = sorted({c for c in part if c in FORBIDDEN_CHARS or ord(c) < 32 or ord(c) == 127})
+        if bad:
+            refuse(f"contains {', '.join(map(repr, bad))}, which file names cannot hold on every system: use letters, "
+                   "digits, spaces, '-', '_' and '.'")
+        if part != part.strip() or part.endswith("."):
+            refuse(f"has a part ({part!r}) that starts or ends with a space or ends with a dot: remove them")
+        if part.split(".")[0].strip().upper() in RESERVED_NAMES:
+            refuse(f"uses {part.split('.')[0]!r}, a reserved device name on Windows: choose another name")
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            refuse(f"has a part of {len(part.encode('utf-8'))} bytes: shorten it to at most {MAX_NAME_BYTES} bytes "
+                   "(file systems allow 255, and RewardLab adds suffixes such as '_00001.safetensors')")
+    return text
+
+
 def safe_output_path(subfolder, name, suffix, root=None):
-    """A path for the user-given ``name`` under root/subfolder that cannot escape root (default: the runtime's output
-    folder): path separators and '..' are stripped from the name, and the result is checked against root."""
+    """The path root/subfolder/<name><suffix> for a user-given ``name`` checked by ``check_output_name`` (default
+    root: the runtime's output folder). The result is checked to lie inside root; its folder is created."""
     root = os.path.abspath(root or current().output_directory())
-    clean = "".join(c if c.isalnum() or c in "-_. " else "_" for c in os.path.basename(str(name).replace("\\", "/")))
-    clean = clean.strip(" .") or "rewardlab"
+    clean = check_output_name(name, suffix=suffix)
     path = os.path.abspath(os.path.join(root, subfolder, clean + suffix))
     if os.path.commonpath([root, path]) != root:
         raise ValueError(f"refusing to write outside the output folder: {name!r}")

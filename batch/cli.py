@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 
+from ..cli import at_least, one_line
 from .client import ComfyClient, ServerUnavailable
 from .convert import WorkflowError, convert, is_api_format, load_workflow
 from .runner import SERVER_RETRY, BatchRunner, parse_servers
@@ -21,10 +22,6 @@ EPILOG = """examples:
 TARGET is NODE.input (NODE = node id or title) or a bare input name; VALUES is a value, a range a..b[:step]
 or a JSON list. Runs go to whichever server has room; a server that stops answering hands its runs to the
 others. A rerun with the same --out skips runs that already finished."""
-
-
-class ArgumentProblem(ValueError):
-    """A command-line argument that cannot work; the message is one line and names the fix."""
 
 
 def add_run_subcommand(subparsers):
@@ -44,9 +41,28 @@ def run_command(args):
     return code
 
 
+def server_url(text):
+    """An argparse ``type``: an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port                              # raises ValueError on a port that is not a number
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a URL ({e}): give e.g. http://127.0.0.1:8188") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL: give e.g. http://127.0.0.1:8188")
+    return text
+
+
+def server_or_file(text):
+    """An argparse ``type``: a server URL, or a file listing servers (one 'URL [CONCURRENCY]' a line)."""
+    return text if os.path.isfile(text) else server_url(text)
+
+
 def add_run_arguments(p):
     p.add_argument("workflow", help="workflow file: editor JSON, API JSON, or a ComfyUI PNG")
-    p.add_argument("--server", action="append", required=True, metavar="URL|FILE",
+    p.add_argument("--server", action="append", required=True, type=server_or_file, metavar="URL|FILE",
                    help="ComfyUI server URL, e.g. http://127.0.0.1:8188 (repeatable), or a file with one "
                         "'URL [CONCURRENCY]' per line")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="TARGET=VALUES",
@@ -59,53 +75,54 @@ def add_run_arguments(p):
                       help="all combinations of the sweep axes (default)")
     mode.add_argument("--zip", dest="mode", action="store_const", const="zip", help="pair the axes element-wise")
     p.set_defaults(mode="product")
-    p.add_argument("--concurrency", type=int, default=2,
+    p.add_argument("--concurrency", type=at_least(1), default=2,
                    help="prompts queued on each server at once, for servers given without one (default 2)")
     p.add_argument("--out", default="rewardlab_batch", help="output folder: images, manifest.jsonl, report")
     p.add_argument("--score", metavar="REWARD", help="rank the output images with this reward model (e.g. "
                    "brightness, aesthetic-v2) and write report.html")
     p.add_argument("--reward-folder", help="folder with reward weights for --score (also $REWARDLAB_MODELS)")
-    p.add_argument("--give-up", type=float, default=120.0, metavar="SECONDS",
+    p.add_argument("--give-up", type=at_least(0.0, float, exclusive=True), default=120.0, metavar="SECONDS",
                    help="end the batch when no server has answered for this long (default 120)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default: no limit)")
-    p.add_argument("--poll", type=float, default=2.0, help="seconds between /history checks (websocket backup)")
+    p.add_argument("--timeout", type=at_least(0.0, float, exclusive=True), default=None,
+                   help="seconds allowed per run (default: no limit)")
+    p.add_argument("--poll", type=at_least(0.0, float, exclusive=True), default=2.0,
+                   help="seconds between /history checks (websocket backup)")
     p.add_argument("--dry-run", action="store_true", help="print the runs (parameters and keys) and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def validate_run_arguments(args):
-    """Check what can be checked before anything is queued; returns the parsed server list. Raises
-    ArgumentProblem (one line, exit status 2)."""
-    checks = [("--concurrency", args.concurrency, 1), ("--give-up", args.give_up, 0.1), ("--poll", args.poll, 0.01)]
-    if args.timeout is not None:
-        checks.append(("--timeout", args.timeout, 0.1))
-    for flag, value, least in checks:
-        if value < least:
-            raise ArgumentProblem(f"{flag} must be at least {least:g}, got {value:g}")
-    for flag, path in (("workflow", args.workflow), ("--runs", args.runs)):
-        if path and not os.path.isfile(path):
-            raise ArgumentProblem(f"{flag}: no such file {path!r}")
+def check_arguments(args):
+    """Everything that can be checked before the first request: files and folders named, the sweep syntax, the
+    servers, and the --score reward (its name and weight files). Returns the server list; raises ValueError /
+    OSError naming the fix (one line, exit status 2)."""
+    if not os.path.isfile(args.workflow):
+        raise ValueError(f"workflow file {args.workflow!r} does not exist")
+    if args.runs and not os.path.isfile(args.runs):
+        raise ValueError(f"--runs file {args.runs!r} does not exist")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ArgumentProblem(f"--out {args.out!r} is a file; give a folder")
+        raise ValueError(f"--out {args.out!r} is a file, not a folder: choose a folder")
     if args.reward_folder and not os.path.isdir(args.reward_folder):
-        raise ArgumentProblem(f"--reward-folder: no such folder {args.reward_folder!r}")
+        raise ValueError(f"--reward-folder {args.reward_folder!r} is not a folder")
+    for assignment in args.assignments or []:
+        parse_assignment(assignment)            # syntax only; targets are matched once the workflow is known
     if args.score:
-        check_reward(args.score, args.reward_folder)
+        from ..rewards import registry
+
+        if args.score not in registry.list_rewards():
+            raise ValueError(f"unknown reward {args.score!r} for --score; choose one of "
+                             f"{', '.join(registry.list_rewards())}")
+        registry.resolve_files(args.score, folder=args.reward_folder)
     try:
         return parse_servers(args.server, args.concurrency)
     except ValueError as e:
-        raise ArgumentProblem(f"--server: {e}") from None
+        raise ValueError(f"--server: {e}") from None
 
 
-def check_reward(name, folder):
-    """The reward for --score exists and its weight files are found (nothing is loaded)."""
-    from ..rewards.registry import get_spec, resolve_files
+def load_score_reward(args):
+    """The --score reward, loaded before the sweep starts (a broken weight file fails here, not after the sweep)."""
+    from ..rewards import load_reward
 
-    try:
-        get_spec(name)
-        resolve_files(name, folder)
-    except (ValueError, FileNotFoundError) as e:
-        raise ArgumentProblem(f"--score: {e}") from None
+    return load_reward(args.score, device="cpu", folder=args.reward_folder) if args.score else None
 
 
 async def fetch_object_info(servers, give_up):
@@ -136,11 +153,13 @@ def prepare_runs(args, workflow, object_info):
 
 def run_main(args):
     """Entry of ``rewardlab run``; returns the exit status (0 all runs succeeded, 1 some failed, 2 bad input
-    or no server answered, 130 interrupted)."""
+    or no server answered, 130 interrupted). Every error ends with one line, never a traceback."""
+    from ..rewards.weights import RewardWeightsError
+
     try:
         return _run(args)
-    except (ArgumentProblem, WorkflowError, SweepError, ServerUnavailable, OSError) as e:
-        print(f"rewardlab run: {e}", file=sys.stderr)
+    except (WorkflowError, SweepError, ServerUnavailable, OSError, ValueError, LookupError, RewardWeightsError) as e:
+        print(f"rewardlab run: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished runs are in {os.path.join(args.out, 'manifest.jsonl')}", file=sys.stderr)
@@ -148,7 +167,8 @@ def run_main(args):
 
 
 def _run(args):
-    servers = validate_run_arguments(args)
+    servers = check_arguments(args)
+    reward = None if args.dry_run else load_score_reward(args)
     workflow = load_workflow(args.workflow)
     object_info = None
     if not (args.dry_run and is_api_format(workflow)):
@@ -176,7 +196,7 @@ def _run(args):
     if args.score:
         from .report import score_records, write_report
 
-        scored = score_records(records, runner.out_dir, args.score, folder=args.reward_folder)
+        scored = score_records(records, runner.out_dir, reward)
         path = write_report(runner.out_dir, scored, args.score)
         if scored:
             best = scored[0]

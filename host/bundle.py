@@ -10,8 +10,8 @@ import torch
 from .. import runtime
 from ..training.bundle import ModelBundle
 from .bridge import cfg_guider, run_in_guider
-from .grad import load_for_training, lora_patcher, release
-from .models import calculate_sigmas, check_conditioning, model_info
+from .grad import checkpoint_blocks, load_for_training, lora_patcher, release
+from .models import calculate_sigmas, check_conditioning, model_info, skip_coefficient
 from .vae import decode, grad_vae
 
 
@@ -45,7 +45,7 @@ class ComfyBundle(ModelBundle):
     """
 
     def __init__(self, model, vae, width, height, positive=None, negative=None, clip=None, downscale=8,
-                 guidance=3.5, vae_tile=0):
+                 guidance=3.5, vae_tile=0, checkpoint_blocks=False):
         if positive is None and clip is None:
             raise ValueError("connect a positive CONDITIONING, or a CLIP and a prompt list")
         self.model, self.vae, self.clip = model, vae, clip
@@ -58,7 +58,7 @@ class ComfyBundle(ModelBundle):
         self.latent_shape = (info.latent_channels, height // downscale, width // downscale)
         self.device = torch.device(runtime.current().device())
         self.patcher = self.vae_patcher = None
-        self.vae_tile = vae_tile
+        self.vae_tile, self.checkpoint_blocks = vae_tile, checkpoint_blocks
         self._encoded = {}
         self._extra = {"width": width, "height": height, "crop_w": 0, "crop_h": 0, "target_width": width,
                        "target_height": height}
@@ -74,6 +74,8 @@ class ComfyBundle(ModelBundle):
 
     def add_lora(self, rank, alpha, targets):
         self.patcher, adapters = lora_patcher(self.model, rank=rank, alpha=alpha, targets=targets)
+        if self.checkpoint_blocks:
+            checkpoint_blocks(self.patcher)
         self.vae_patcher = grad_vae(self.vae)
         load_for_training(self.patcher)
         return adapters
@@ -114,6 +116,9 @@ class ComfyBundle(ModelBundle):
 
     def decode(self, x):
         return decode(self.vae, self.patcher.model.process_latent_out(x), patcher=self.vae_patcher, tile=self.vae_tile)
+
+    def skip(self, sigma):
+        return skip_coefficient(self.model.get_model_object("model_sampling"), sigma)
 
     def release(self):
         """Unload the grad-ready clones and strip the LoRA wrappers from the shared modules."""

@@ -11,6 +11,8 @@ import importlib
 import torch
 
 from .. import runtime
+from ..samplers.runner import recompute_in_backward
+from .services import managed_patchers
 from ..training.lora import ATTENTION_TARGETS, LoRA, layer_name_patterns, lora_targets
 
 
@@ -71,6 +73,42 @@ def _normal_copy(tensor):
     return torch.nn.Parameter(copy, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copy
 
 
+def checkpoint_blocks(model_patcher):
+    """Recompute each block of the diffusion model in backward instead of keeping its activations (gradient
+    checkpointing inside one model call, as ComfyUI's own trainer offers): a call that records gradients then keeps
+    only the blocks' inputs, which is what lets a DRaFT or ReNO step of a large DiT fit. The blocks are the entries
+    of the model's block lists (``model_blocks``); the patch lives on this clone only and goes away when it is
+    unloaded."""
+    for name, block in model_blocks(model_patcher.model.diffusion_model):
+        model_patcher.add_object_patch(f"diffusion_model.{name}.forward", _recomputed(block.forward))
+    return model_patcher
+
+
+def model_blocks(network):
+    """(name, module) of the blocks a diffusion model calls one after another: the entries of its block lists and
+    its middle block; a UNet level (a Sequential its forward walks layer by layer) gives its layers."""
+    for list_name, child in network.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            entries = [(f"{list_name}.{i}", block) for i, block in enumerate(child)]
+        elif list_name == "middle_block":
+            entries = [(list_name, child)]
+        else:
+            continue
+        for name, block in entries:
+            if isinstance(block, torch.nn.Sequential):
+                yield from ((f"{name}.{j}", layer) for j, layer in enumerate(block))
+            else:
+                yield name, block
+
+
+def _recomputed(forward):
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return recompute_in_backward(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
 def is_grad_ready(model_patcher):
     return all(k in model_patcher.weight_wrapper_patches for k in _wrappable_keys(model_patcher))
 
@@ -129,9 +167,11 @@ def grad_enabled():
 
 
 def load_for_training(*patchers):
-    """Load the grad-ready patchers fully before training: evicts everything else (the guider's memory estimate
-    ignores activations kept for backward) and avoids lowvram partial loading."""
-    _comfy("comfy.model_management").load_models_gpu(list(patchers), memory_required=1e20, force_full_load=True)
+    """Load the grad-ready patchers fully before training, with the reward models ComfyUI manages for us (so that
+    scoring never makes ComfyUI evict the model being trained): evicts everything else (the guider's memory
+    estimate ignores activations kept for backward) and avoids lowvram partial loading."""
+    _comfy("comfy.model_management").load_models_gpu(list(patchers) + managed_patchers(), memory_required=1e20,
+                                                      force_full_load=True)
 
 
 def release(*patchers):

@@ -3,10 +3,12 @@
 A ComfyUI NOISE is any object with ``.seed`` and ``.generate_noise(latent_dict)``. The sampler scales it by σ0
 itself (noise scaling), so a NOISE stores standard-normal-like noise, not a noised latent.
 """
+import math
+
 import torch
 
 from .bridge import cfg_guider, run_in_guider
-from .grad import grad_enabled, grad_ready, load_for_training, release
+from .grad import checkpoint_blocks, grad_enabled, grad_ready, load_for_training, release
 from .models import batched_latent, calculate_sigmas, latent_samples
 from .services import bchw_to_image, prepare_noise
 from .vae import decode, grad_vae
@@ -29,7 +31,7 @@ class OptimisedNoise:
 
 
 def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler, seed, batch, method,
-                     vae_tile=0):
+                     vae_tile=0, checkpoint_model_blocks=False):
     """Run a noise method on a ComfyUI MODEL: ``method(chain, noise) -> noise.chain.NoiseResult``.
 
     The latent is repeated to ``batch``; the start noise is the seed's own (as stock RandomNoise gives it), so the
@@ -51,11 +53,17 @@ def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler
 
     with grad_enabled():
         patcher, vae_patcher = grad_ready(model), grad_vae(vae)
+        if checkpoint_model_blocks:
+            checkpoint_blocks(patcher)
         try:
             load_for_training(patcher, vae_patcher)     # both resident: decode must not evict the UNet mid-loop
             result = run_in_guider(cfg_guider(patcher, positive, negative, cfg), body, samples, sigmas, seed=seed,
                                    step=sampler, decode=lambda z: decode(vae, z, patcher=vae_patcher, tile=vae_tile))
         finally:
             release(patcher, vae_patcher)
+    bad = [i for i, r in enumerate(result.reward.tolist()) if not math.isfinite(r)]
+    if bad:
+        raise ValueError(f"the best reward of sample(s) {bad} is NaN/Inf: the reward failed on every candidate. "
+                         f"Check it on a plain image first (Score Images)")
     return result, (OptimisedNoise(result.seed, result.noise), {"samples": result.latent},
                     bchw_to_image(result.images))

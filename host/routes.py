@@ -88,20 +88,31 @@ def output_file(filename, subfolder=""):
 
 
 def decode_image(data):
-    """Bytes -> float BCHW [0, 1] tensor (1, 3, H, W); rejects non-images and oversized images."""
+    """Bytes -> float BCHW [0, 1] tensor (1, 3, H, W). Non-images, images whose header claims more than MAX_PIXELS
+    (checked before any pixel is decoded: decompression bombs) and broken files are ValueErrors."""
+    import warnings
+
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"image larger than {MAX_IMAGE_BYTES // 2**20} MiB")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"image of {img.width}x{img.height} pixels is too large to score")
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"not a readable image: {e}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ValueError(f"image of {img.width}x{img.height} pixels is too large to score (at most "
+                                     f"{MAX_PIXELS} pixels): downscale it first")
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        except ValueError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"image is too large to score (at most {MAX_PIXELS} pixels): downscale it first") from None
+        except Exception as e:      # anything PIL raises on a broken or hostile file is bad input, not a server fault
+            detail = str(e).splitlines()[0][:200] if str(e) else ""
+            raise ValueError(f"not a readable image ({type(e).__name__}: {detail})") from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -157,13 +168,16 @@ async def _read_score_request(request):
 
 
 def _score(name, prompt, data):
+    """The score, or None when the reward gave NaN/Inf (JSON has no NaN)."""
+    import math
+
     import torch
 
     image = decode_image(data)
     reward = ready_reward(name)
     with torch.no_grad():
-        value = reward(image, [prompt])
-    return float(value.reshape(-1)[0])
+        value = float(reward(image, [prompt]).reshape(-1)[0])
+    return value if math.isfinite(value) else None
 
 
 async def post_score(request):
@@ -179,7 +193,10 @@ async def post_score(request):
         return _error(404, str(e).strip("'\""))
     except PermissionError as e:
         return _error(409, str(e))
-    return web.json_response({"reward": name, "prompt": prompt, "score": score})
+    body = {"reward": name, "prompt": prompt, "score": score}
+    if score is None:
+        body["warning"] = f"reward {name!r} returned NaN/Inf for this image"
+    return web.json_response(body)
 
 
 # --- registration ---------------------------------------------------------------------------------------------

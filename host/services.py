@@ -109,6 +109,11 @@ class ComfyRuntime(runtime.Runtime):
         return fp.get_output_directory() if fp is not None else super().output_directory()
 
 
+def managed_patchers():
+    """The ModelPatchers of the reward models handed to ComfyUI's memory manager."""
+    return list(_MANAGED.values())
+
+
 def resolve_device(policy):
     """A device choice of a node ("auto": ComfyUI's device, "gpu": require one, "cpu") as a torch.device."""
     if policy == "cpu":
@@ -173,6 +178,8 @@ def image_to_bchw(image):
     """ComfyUI IMAGE (B, H, W, C) float in [0, 1] -> (B, C, H, W) float32."""
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an IMAGE batch shaped (B, H, W, C), got {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the IMAGE batch is empty: connect a node that outputs at least one image")
     return image[..., :3].movedim(-1, 1).float()
 
 
@@ -184,12 +191,13 @@ def bchw_to_image(x):
 # --- sampling choices and noise ----------------------------------------------------------------------------------
 
 def scheduler_names():
-    """ComfyUI's scheduler names (for node dropdowns), or the core's outside ComfyUI."""
+    """ComfyUI's scheduler names (the core's outside ComfyUI) plus "align_your_steps", for node dropdowns."""
+    from .models import AYS_SCHEDULER
     samplers = optional("comfy.samplers")
     if samplers is not None:
-        return list(samplers.SCHEDULER_NAMES)
+        return [*samplers.SCHEDULER_NAMES, AYS_SCHEDULER]
     from ..samplers.sigmas import SCHEDULER_NAMES
-    return list(SCHEDULER_NAMES)
+    return [*SCHEDULER_NAMES, AYS_SCHEDULER]
 
 
 def prepare_noise(samples, seed):

@@ -7,6 +7,7 @@ import importlib
 
 import torch
 
+from ..samplers.runner import recompute_in_backward
 from .grad import grad_ready
 
 CLAMPS = ("straight_through", "hard", "none")
@@ -26,8 +27,8 @@ def decode(vae, latent, patcher=None, clamp="straight_through", tile=0):
            gradient is that of the unclamped (x+1)/2, so saturated pixels still pass gradient to the reward;
            "hard": stock clamp, zero gradient outside [0, 1]; "none": unclamped (x+1)/2.
     tile:  decode in overlapping tiles of this many image pixels (0: in one piece), for images whose decoder
-           activations would not fit; the tiles are blended with linear ramps over their overlap, and gradients
-           flow through every tile. Near seams the result differs a little from the untiled decode (the decoder's
+           activations would not fit: each tile is recomputed in backward, so one tile's activations are alive at a
+           time; the tiles are blended with linear ramps over their overlap, and gradients flow through every tile. Near seams the result differs a little from the untiled decode (the decoder's
            group norms see one tile at a time), as with ComfyUI's own VAEDecodeTiled.
     """
     if clamp not in CLAMPS:
@@ -80,7 +81,9 @@ def decode_tiled(decode_fn, z, tile, factor, overlap=None):
     out, weight = 0, torch.zeros(1, 1, H, W, device=z.device)
     for y in _starts(h, th, max(1, th - overlap)):
         for x in _starts(w, tw, max(1, tw - overlap)):
-            piece = decode_fn(z[..., y:y + th, x:x + tw])
+            tile_z = z[..., y:y + th, x:x + tw]
+            # each tile is decoded again in backward, so only one tile's activations are alive at a time
+            piece = recompute_in_backward(decode_fn, tile_z) if torch.is_grad_enabled() else decode_fn(tile_z)
             ramp = (_ramp(piece.shape[-2], overlap * factor if th < h else 0, piece.device)[:, None]
                     * _ramp(piece.shape[-1], overlap * factor if tw < w else 0, piece.device)[None])
             pad = (x * factor, W - x * factor - piece.shape[-1], y * factor, H - y * factor - piece.shape[-2])

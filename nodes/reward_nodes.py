@@ -1,5 +1,7 @@
 """Reward nodes: load, combine, score, rank, and look at reward gradients. Custom type REWARD_MODEL = a Reward
 module (images BCHW in [0, 1] + prompts -> Tensor[B]). Every node handles the whole batch, in chunks."""
+import os
+
 import torch
 
 from .. import runtime
@@ -61,8 +63,12 @@ class RewardLabLoadReward:
         }
 
     def load(self, model_name, dtype="auto", device="auto", folder="", allow_download=False, gradient_checkpointing=False):
+        folder = folder.strip()
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"Load Reward Model: folder {folder!r} does not exist (or is not a folder): give an "
+                             f"existing folder with the weight files, or leave it empty to search models/rewards")
         dev = resolve_device(device)
-        reward = registry.load_reward(model_name, dev, DTYPES[dtype] or auto_dtype(dev), folder.strip() or None,
+        reward = registry.load_reward(model_name, dev, DTYPES[dtype] or auto_dtype(dev), folder or None,
                                      allow_download)
         reward.set_grad_checkpointing(gradient_checkpointing)
         return (reward,)
@@ -191,9 +197,13 @@ class RewardLabRankImages:
 
     def rank(self, reward, images, prompts="", top_k=1, order="best first", latent=None, batch_size=8):
         x = image_to_bchw(images)
+        if latent is not None and latent["samples"].shape[0] != x.shape[0]:
+            raise ValueError(f"Rank Images: the LATENT holds {latent['samples'].shape[0]} sample(s) but there are "
+                             f"{x.shape[0]} images: connect the latent these images were decoded from (same batch), "
+                             f"or leave 'latent' unconnected")
         lines = split_prompts(prompts, x.shape[0])
         scores, _ = score_batch(reward, x, lines, batch_size)
-        idx = torch.argsort(scores, descending=(order == "best first"), stable=True)
+        idx = rank_order(scores, best_first=order == "best first")
         if top_k:
             idx = idx[:top_k]
         table = score_table(scores, lines, order=idx.tolist(), title=f"reward: {reward.name} ({order})")
@@ -206,6 +216,13 @@ class RewardLabRankImages:
                 elif key == "batch_index" and isinstance(latent.get(key), list):
                     out_latent[key] = [latent[key][i] for i in idx.tolist()]
         return (images[idx.to(images.device)], out_latent, [float(scores[i]) for i in idx], table)
+
+
+def rank_order(scores, best_first=True):
+    """Indices sorting ``scores`` best (or worst) first; NaN scores (a reward that failed on an image) come last
+    in both orders, never ahead of a real score. Ties keep batch order."""
+    idx = torch.argsort(scores.nan_to_num(0.0), descending=best_first, stable=True)
+    return idx[torch.argsort(torch.isnan(scores[idx]).int(), stable=True)]
 
 
 class RewardLabRewardGradient:

@@ -1,7 +1,9 @@
 """DRaFT LoRA training nodes: train a reward LoRA on a ComfyUI MODEL, apply / mix / save reward LoRAs.
 
 Training is the host-free trainer (training/draft.py) on the ComfyUI bundle (host/bundle.py). The LoRA is saved in
-ComfyUI's key format under output/loras/, where the stock LoraLoader lists it.
+ComfyUI's key format under output/loras/, where the stock LoraLoader lists it; the training state goes to
+output/rewardlab_state/, which no LoRA loader lists. An existing LoRA is replaced only when 'overwrite' is on;
+otherwise the next free numbered name is used (as SaveImage does) and reported.
 """
 import os
 
@@ -15,7 +17,7 @@ from ..host.services import bchw_to_image, preview_from_image, scheduler_names
 from ..plots import image_grid, training_curve
 from ..rewards.base import prompt_lines
 from ..training import checkpoints as ckpt
-from ..training.draft import Trainer, TrainingStopped
+from ..training.draft import Trainer, TrainingStopped, training_prompts
 from ..training.lora import mix_lora_state_dicts
 from ..training.options import config_from_options, node_inputs
 
@@ -23,6 +25,13 @@ CATEGORY = "RewardLab/Training"
 VAE_TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 8192, "step": 64,
                           "tooltip": "Decode the images for the reward in tiles of this many pixels (0: in one piece), "
                                      "for large images whose decoder activations do not fit in memory."})
+NAME_TOOLTIP = ("File name under output/loras/ ('folder/name' for a subfolder). Letters, digits, spaces, '-', '_' and "
+                "'.'; no '..'. If a LoRA of that name exists, a numbered name (name_00001) is used unless 'overwrite' "
+                "is on.")
+OVERWRITE_TOOLTIP = ("Replace an existing LoRA of this name (and drop its training state). Off: a free numbered name "
+                     "is used instead, so no earlier run is ever lost.")
+
+
 OPTIONS_TYPE = "DRAFT_OPTIONS"
 # Settings of the node itself (not DraftConfig fields), shown on DRaFT Options next to the table's "node-optional" ones.
 NODE_OPTIONS = {
@@ -35,7 +44,8 @@ NODE_OPTIONS = {
                                               "monitor; needs CLIP to differ)."}),
     "vae_tile_size": VAE_TILE_INPUT,
     "resume": ("BOOLEAN", {"default": False,
-                           "tooltip": "Continue from output/loras/<name> and its .state.pt if present."}),
+                           "tooltip": "Continue from output/loras/<name> and its training state "
+                                      "(output/rewardlab_state/<name>.state.pt) if present."}),
 }
 
 
@@ -50,21 +60,30 @@ def advanced_options(values=None):
     return out
 
 
+def name_problem(name):
+    """For VALIDATE_INPUTS: True, or the message of a LoRA name that cannot be written (ComfyUI runs it when the
+    prompt is queued; a linked name arrives as None and is checked when the node runs)."""
+    return True if name is None else ckpt.name_problem(name)
+
+
 # --- nodes --------------------------------------------------------------------------------------------------------
 
 class RewardLabDRaFTTrainLoRA:
     DESCRIPTION = ("DRaFT: train a LoRA by backpropagating a differentiable reward through sampling (Clark et al. "
-                   "2023), or AlignProp / ReFL / DRTune. Literature defaults: DRaFT-K with K=1 (or DRaFT-LV, n=2), "
-                   "lr 4e-4, rank 8, weight decay 0.1, batch 4. Saves output/loras/<name>.safetensors every "
-                   "'save_every' steps (stock LoraLoader lists it); returns the MODEL with the LoRA applied.")
+                   "2023), or AlignProp / ReFL / DRTune. preset 'paper' runs the chosen method's published recipe "
+                   "(its values override the widgets; docs/methods.md lists them with sources); 'custom' uses the "
+                   "widgets. Saves output/loras/<name>.safetensors every 'save_every' steps (stock LoraLoader lists "
+                   "it); returns the MODEL with the LoRA applied.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "lora", "curve", "preview")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "lora", "curve", "preview", "lora_name")
     OUTPUT_TOOLTIPS = ("The input MODEL with the trained LoRA merged at strength 1 (ready for KSampler).",
                        "The trained LoRA (ComfyUI keys) for Apply / Mix / Save Reward LoRA.",
                        "Reward and loss per training step (and the held-out reward when scored).",
-                       "The last training batch's images.")
+                       "The last training batch's images.",
+                       "The file the LoRA was saved as, as LoraLoader lists it (a numbered name when 'name' was "
+                       "taken).")
     NOT_IDEMPOTENT = True
 
     @classmethod
@@ -88,9 +107,9 @@ class RewardLabDRaFTTrainLoRA:
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height."}),
                 "batch_size": opts.pop("batch_size"),
                 "method": opts.pop("method"),
+                "preset": opts.pop("preset"),
                 **{k: opts.pop(k) for k in ("k", "lv_n", "learning_rate", "rank", "training_steps", "save_every")},
-                "name": ("STRING", {"default": "rewardlab_draft",
-                                    "tooltip": "File name under output/loras/ (no folders; '../' is removed)."}),
+                "name": ("STRING", {"default": "rewardlab_draft", "tooltip": NAME_TOOLTIP}),
                 **opts,                # seed
             },
             "optional": {
@@ -102,22 +121,29 @@ class RewardLabDRaFTTrainLoRA:
                 "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from a DRaFT Options node (held-out "
                                                       "prompts, KL penalty, LoRA targets, precision, ...); "
                                                       "unconnected: that node's defaults."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        return name_problem(name)
+
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
-              negative=None, clip=None, options=None, **options_here):
+              negative=None, clip=None, options=None, overwrite=False, **options_here):
+        files = ckpt.run_files(name)                  # every check runs before any work: a bad name fails here
         advanced = advanced_options(options)
         guidance, heldout_prompts, vae_tile_size, resume = (advanced.pop(k) for k in NODE_OPTIONS)
         options = {**advanced, **options_here}
-        lines = prompt_lines(prompts) or [""]
+        lines = training_prompts(prompts, clip is not None, reward)
         held = prompt_lines(heldout_prompts)
         if not held:
             options["heldout_every"] = 0
         config = config_from_options(options, sampler=sampler, scheduler=scheduler)
-        path = ckpt.output_lora_path(name)
+        files = ckpt.claim(files, resume=resume, overwrite=overwrite)
+        path = files.lora
         bundle = ComfyBundle(model, vae, width, height, positive, negative, clip, guidance=guidance,
-                             vae_tile=vae_tile_size)
+                             vae_tile=vae_tile_size, checkpoint_blocks=config.checkpointing)
         bundle.encode_prompts(lines + held)
         pbar = runtime.current().progress(config.train_steps)
 
@@ -127,7 +153,8 @@ class RewardLabDRaFTTrainLoRA:
 
         with grad_enabled():
             trainer = Trainer(bundle, reward, config, prompts=lines, heldout=held, lora_path=path, on_step=on_step,
-                              cancel=runtime.current().interrupted, run_name=os.path.basename(path))
+                              cancel=runtime.current().interrupted, run_name=files.listed_name,
+                              state_path=files.state)
             try:
                 if resume and os.path.exists(path):
                     trainer.resume()
@@ -142,7 +169,8 @@ class RewardLabDRaFTTrainLoRA:
             log, images = trainer.log, trainer.last_images
         trained = apply_lora_state_dict(model, lora, 1.0)
         preview = image_grid(images) if images is not None else torch.zeros(1, 64, 64, 3)
-        return (trained, lora, training_curve(log), preview)
+        return {"ui": {"text": [f"saved as {files.listed_name}"]},
+                "result": (trained, lora, training_curve(log), preview, files.listed_name)}
 
 
 class RewardLabDRaFTOptions:
@@ -225,14 +253,21 @@ class RewardLabSaveRewardLoRA:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
-            "name": ("STRING", {"default": "rewardlab_lora",
-                                "tooltip": "File name under output/loras/ (no folders; '../' is removed)."}),
+            "name": ("STRING", {"default": "rewardlab_lora", "tooltip": NAME_TOOLTIP}),
+        }, "optional": {
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": OVERWRITE_TOOLTIP}),
         }}
 
-    def save(self, lora, name):
-        path = ckpt.output_lora_path(name)
-        ckpt.save_lora_file(lora, path, {"rewardlab": "reward lora"})
-        return {"ui": {"text": [path]}, "result": (path,)}
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        return name_problem(name)
+
+    def save(self, lora, name, overwrite=False):
+        files = ckpt.claim(ckpt.run_files(name), overwrite=overwrite)
+        if overwrite:
+            files.remove_state()          # it belonged to the LoRA being replaced: a LoRA and its state stay together
+        ckpt.save_lora_file(lora, files.lora, {"rewardlab": "reward lora"})
+        return {"ui": {"text": [f"saved as {files.listed_name}"]}, "result": (files.lora,)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -20,9 +20,11 @@ class Reward(torch.nn.Module):
       input_size   native square input size in pixels of the image tower, or None (any size)
       needs_text   whether ``prompts`` must be given
       score_range  typical (low, high) of the scores, used for display and ensemble normalisation
+      min_size     smallest height and width in pixels the reward can score (smaller images are a clear error)
     """
 
     name = "reward"
+    min_size = 1
     input_size = None
     needs_text = False
     score_range = (0.0, 1.0)
@@ -39,7 +41,7 @@ class Reward(torch.nn.Module):
 
     # --- the protocol ---------------------------------------------------------------------------------------
     def forward(self, images, prompts=None):
-        images = check_images(images, self.name)
+        images = check_images(images, self.name, self.min_size)
         prompts = normalize_prompts(prompts, images.shape[0], self.needs_text, self.name)
         runtime.current().use(self)       # a host's memory manager may have moved the weights away
         home = self._weights_device()
@@ -101,8 +103,9 @@ class Reward(torch.nn.Module):
         return f"name={self.name!r}, input_size={self.input_size}, needs_text={self.needs_text}, score_range={self.score_range}"
 
 
-def check_images(images, name="reward"):
-    """Validate a BCHW float batch with 3 channels and return it (values are not clamped here)."""
+def check_images(images, name="reward", min_size=1):
+    """Validate a BCHW float batch with 3 channels, at least ``min_size`` pixels high and wide, and return it
+    (values are not clamped here)."""
     if not torch.is_tensor(images) or images.ndim != 4:
         raise ValueError(f"{name}: expected images as a float tensor shaped (B, C, H, W) in [0, 1], got "
                          f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}. "
@@ -115,6 +118,12 @@ def check_images(images, name="reward"):
                          "Drop alpha with images[:, :3]; repeat grey images to 3 channels.")
     if not images.is_floating_point():
         raise ValueError(f"{name}: expected float images in [0, 1], got dtype {images.dtype}; divide uint8 by 255.")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name}: the image batch is empty")
+    h, w = images.shape[-2:]
+    if min(h, w) < min_size:
+        raise ValueError(f"{name}: images of {h}x{w} pixels are too small for this reward (at least {min_size}x"
+                         f"{min_size}); upscale them or use a larger image.")
     return images
 
 

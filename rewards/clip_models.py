@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .base import Reward
 from .preprocess import Preprocess, from_open_clip
-from .weights import load_into, read_state_dict, skip_init
+from .weights import RewardWeightsError, describe_layout, load_into, read_state_dict, skip_init, weights_follow
 
 
 def build_open_clip(config):
@@ -123,10 +123,17 @@ def build_aesthetic(config):
 
 def load_aesthetic(name, config, files):
     """files: clip (open_clip state dict; only visual.* is used) and head (MLP or linear head state dict)."""
-    with skip_init():   # every parameter used is overwritten by the strict load below
+    with skip_init(), weights_follow():   # every parameter used is overwritten by the strict load below
         reward = build_aesthetic(config)
     clip_state = read_state_dict(files["clip"], name, "open_clip CLIP state dict with visual.* keys")
     visual = {k[len("visual."):]: v for k, v in clip_state.items() if k.startswith("visual.")}
+    if not visual:
+        holds = describe_layout(clip_state) or f"keys such as {sorted(clip_state)[:3]}"
+        raise RewardWeightsError(
+            f"{name}: {files['clip']} has no visual.* keys: the file holds {holds}, but the aesthetic head needs the "
+            f"image tower of an open_clip {config['clip_model']} state dict (visual.conv1.weight, visual.proj, ...). "
+            f"Use the open_clip file (e.g. open_clip_model.safetensors from huggingface.co/timm/"
+            f"vit_large_patch14_clip_224.openai, saved as one of the accepted names).")
     load_into(reward.visual, visual, name, files["clip"], f"visual.* keys of open_clip {config['clip_model']}")
     head_layout = "layers.{0,2,4,6,7}.{weight,bias}" if config.get("head", "mlp") == "mlp" else "weight, bias"
     load_into(reward.head, read_state_dict(files["head"], name, head_layout), name, files["head"], head_layout)
@@ -152,7 +159,7 @@ def build_hps(config):
 
 def load_hps(name, config, files):
     """files: weights = the published {'state_dict': ...} .pt (fp16) or a safetensors conversion of it."""
-    with skip_init():   # every parameter used is overwritten by the strict load below
+    with skip_init(), weights_follow():   # every parameter used is overwritten by the strict load below
         reward = build_hps(config)
     path = files["weights"]
     load_into(reward.clip, read_state_dict(path, name, "{'state_dict': open_clip state dict}"), name, path,
@@ -183,7 +190,7 @@ def build_clipscore(config):
 
 
 def load_clipscore(name, config, files):
-    with skip_init():   # every parameter used is overwritten by the strict load below
+    with skip_init(), weights_follow():   # every parameter used is overwritten by the strict load below
         reward = build_clipscore(config)
     path = files.get("weights") or files["clip"]
     load_into(reward.clip, read_state_dict(path, name, "open_clip state dict"), name, path,

@@ -140,9 +140,9 @@ class SimpleReward(Reward):
 
     needs_text = False
 
-    def __init__(self, name, fn, score_range=(0.0, 1.0), **params):
+    def __init__(self, name, fn, score_range=(0.0, 1.0), min_size=1, **params):
         super().__init__()
-        self.name, self.fn, self.params, self.score_range = name, fn, params, score_range
+        self.name, self.fn, self.params, self.score_range, self.min_size = name, fn, params, score_range, min_size
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # carries .device for the protocol
 
     def score(self, images, prompts):
@@ -153,13 +153,13 @@ class SimpleReward(Reward):
 
 
 _KINDS = {
-    # kind: (fn, typical range, {config key: default})
+    # kind: (fn, typical range, {config key: default}[, smallest image side])
     "saturation": (saturation, (0.0, 1.0), {}),
     "brightness": (brightness, (0.0, 1.0), {"target": None}),
     "colourfulness": (colourfulness, (0.0, 0.6), {}),
     "target_colour": (target_colour, (0.4, 1.0), {"colour": (1.0, 0.0, 0.0)}),
     "target_hue": (target_hue, (-1.0, 1.0), {"hue_degrees": 0.0}),
-    "sharpness": (sharpness, (0.0, 0.05), {}),
+    "sharpness": (sharpness, (0.0, 0.05), {}, 4),         # a variance over at least 2x2 Laplacian values
     "compressibility": (lambda x, quality: -jpeg_bits(x, quality), (-3.0, 0.0), {"quality": 95}),
     "incompressibility": (jpeg_bits, (0.0, 3.0), {"quality": 95}),
 }
@@ -170,6 +170,6 @@ def build(name, config, files=None):
     kind = config.get("kind", name)
     if kind not in _KINDS:
         raise ValueError(f"unknown weight-free reward {kind!r}; use one of {sorted(_KINDS)}")
-    fn, score_range, defaults = _KINDS[kind]
+    fn, score_range, defaults, *min_size = _KINDS[kind]
     params = {k: config.get(k, v) for k, v in defaults.items()}
-    return SimpleReward(name, fn, score_range, **params)
+    return SimpleReward(name, fn, score_range, *min_size, **params)

@@ -4,8 +4,10 @@ safetensors files are read with safetensors; .pt/.pth/.bin/.ckpt only with ``tor
 refuses pickles that would construct arbitrary objects or run code.
 """
 import contextlib
+import logging
 import os
 import pickle
+import re
 
 import torch
 
@@ -37,16 +39,27 @@ def read_state_dict(path, model="reward", layout=""):
     return _flatten(state, path, model, hint)
 
 
+def pickle_global(message):
+    """The class or function a refused pickle asked for (e.g. '__main__.Net'), read from torch's weights_only
+    message with its terminal colour codes removed; None when it names none."""
+    match = re.search(r"GLOBAL ([\w.]+)", re.sub(r"\x1b\[[0-9;]*m", "", str(message)))
+    return match.group(1) if match else None
+
+
 def _torch_load_safely(path, model, hint):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        needs = pickle_global(e)
+        what = f"needs the Python class or function {needs!r} to load" if needs else "holds Python objects"
         raise RewardWeightsError(
-            f"{model}: refused to load {path}: it is a pickle that needs arbitrary Python objects or code to load "
-            f"(weights_only=True rejected it: {str(e).splitlines()[0]}). Only plain tensor state dicts are accepted; "
-            f"convert the file once, in a trusted environment, to .safetensors.{hint}") from e
+            f"{model}: refused to load {path}: it is a pickle that {what}, and loading it would run code from the "
+            f"file. Only plain tensor state dicts are accepted: convert the file once, in a trusted environment, to "
+            f".safetensors (safetensors.torch.save_file(model.state_dict(), ...)).{hint}") from None
     except Exception as e:
-        raise RewardWeightsError(f"{model}: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}).{hint}") from e
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise RewardWeightsError(f"{model}: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                                 f"{first}).{hint}") from None
 
 
 def _flatten(state, path, model, hint):
@@ -60,6 +73,26 @@ def _flatten(state, path, model, hint):
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
+
+
+_LAYOUTS = (   # (key prefixes, what a file with them holds)
+    (("vision_model.", "text_model."), "a transformers (Hugging Face) CLIPModel: vision_model.* / text_model.* keys"),
+    (("visual.", "transformer.", "token_embedding."), "an open_clip CLIP state dict: visual.* / transformer.* keys"),
+    (("blip.",), "an ImageReward (BLIP) state dict: blip.* keys"),
+    (("model.diffusion_model.", "first_stage_model.", "cond_stage_model."), "a Stable Diffusion checkpoint"),
+    (("lora_unet_", "lora_te"), "a LoRA"),
+)
+
+
+def describe_layout(keys):
+    """What kind of file a state dict's keys look like ('a transformers CLIPModel: ...'), or None."""
+    keys = list(keys)
+    for prefixes, what in _LAYOUTS:
+        if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
+            return what
+    if any(k.endswith((".lora_up.weight", ".lora_down.weight")) for k in keys):
+        return "a LoRA"
+    return None
 
 
 def describe_keys(module, limit=6):
@@ -86,6 +119,9 @@ def load_into(module, state, model="reward", path="", layout=""):
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
         where = f" in {path}" if path else ""
+        layout_of_file = describe_layout(state)
+        if layout_of_file and missing and len(missing) == len(expected):
+            parts.insert(0, f"the file holds {layout_of_file}")
         raise RewardWeightsError(
             f"{model}: the weights{where} do not match the model: {'; '.join(parts)}. "
             f"Is this the right file for {model!r}? {('Expected layout: ' + layout + '. ') if layout else ''}"
@@ -96,6 +132,24 @@ def load_into(module, state, model="reward", path="", layout=""):
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                    "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def weights_follow():
+    """Silence open_clip's "No pretrained weights loaded ... Model initialized randomly" while a model is built
+    whose weights a strict ``load_into`` loads right after (the notice would be false). Other records pass."""
+    notice = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Server routes (host/routes.py) driven with aiohttp's test utilities, without ComfyUI."""
 import asyncio
 import io
+import json
 
 import pytest
 from aiohttp import FormData, web
@@ -130,3 +131,54 @@ def test_score_rejects_bad_input_and_paths_outside_output(output_dir):
     assert all("output folder" in msg for _, msg in results[:3])
     assert "not loaded" in results[6][1] and "weight-free" in results[6][1]
     assert "not a readable image" in results[8][1]
+
+
+def png_claiming(width, height):
+    """A small valid PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    data = bytearray(png(0, (4, 4)))
+    ihdr = 8                                        # after the signature: length (4), b"IHDR" (4), data (13), CRC (4)
+    data[ihdr + 8: ihdr + 16] = struct.pack(">II", width, height)
+    data[ihdr + 21: ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(data[ihdr + 4: ihdr + 21])))
+    return bytes(data)
+
+
+def test_score_answers_400_for_tiny_images_and_decompression_bombs(output_dir):
+    """Issue 14: a 1x1 / 2x2 image with the sharpness reward and a PNG claiming 20000x20000 gave 500."""
+    async def post(client, data, reward):
+        form = FormData()
+        form.add_field("reward", reward)
+        form.add_field("image", data, filename="x.png", content_type="image/png")
+        resp = await client.post("/rewardlab/score", data=form)
+        return resp.status, (await resp.json())["error"]
+
+    async def requests(client):
+        return [await post(client, png(128, (1, 1)), "sharpness"), await post(client, png(128, (2, 2)), "sharpness"),
+                await post(client, png_claiming(20000, 20000), "brightness"),
+                await post(client, png_claiming(5000, 5000), "brightness")]
+
+    results = call(requests)
+    assert [code for code, _ in results] == [400] * 4
+    assert "1x1 pixels are too small for this reward (at least 4x4)" in results[0][1]
+    assert "2x2 pixels are too small" in results[1][1]
+    assert all("too large to score" in msg and "downscale" in msg for _, msg in results[2:])
+
+
+def test_score_of_a_reward_that_gives_nan_is_null_with_a_warning(output_dir, monkeypatch):
+    """JSON has no NaN: a NaN score is sent as null with a warning, not as invalid JSON."""
+    from rewardlab.rewards import registry
+
+    nan_reward = registry.build_reward("brightness")
+    nan_reward.score = lambda images, prompts: images.mean((1, 2, 3)) * float("nan")
+    monkeypatch.setattr(routes, "ready_reward", lambda name: nan_reward)
+
+    async def requests(client):
+        resp = await client.post("/rewardlab/score", json={"reward": "brightness", "filename": "bright.png",
+                                                           "subfolder": "sub"})
+        return resp.status, await resp.text()
+
+    code, text = call(requests)
+    body = json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert code == 200 and body["score"] is None and "returned NaN/Inf" in body["warning"]

@@ -337,17 +337,25 @@ def test_server_lists(tmp_path):
 
 
 def test_cli_checks_arguments_before_queueing_anything(tmp_path, capsys):
+    """Bad arguments end with one line and status 2 before anything reaches a server (numbers are checked by
+    argparse, the rest by cli.check_arguments)."""
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps(txt2img_api()))
+    listing = tmp_path / "servers.txt"
+    listing.write_text("http://127.0.0.1:1 two\n")
     with ThreadedServer() as srv:
         base = [str(wf), "--server", srv.url, "--out", str(tmp_path / "out"), "--no-progress", "--set", "3.seed=1..3"]
-        for extra, message in ((["--score", "brightnes"], "--score: unknown reward model 'brightnes'"),
-                               (["--concurrency", "0"], "--concurrency must be at least 1"),
-                               (["--give-up", "0"], "--give-up must be at least"),
-                               (["--runs", "missing.csv"], "--runs: no such file")):
+        for extra, message in ((["--score", "brightnes"], "unknown reward 'brightnes' for --score"),
+                               (["--runs", "missing.csv"], "--runs file 'missing.csv' does not exist"),
+                               (["--server", str(listing)], "--server: " + str(listing) + ":1: concurrency must be")):
             assert cli.main(base + extra) == 2
             err = capsys.readouterr().err.strip()
             assert message in err and len(err.splitlines()) == 1, err
+        for extra, message in ((["--concurrency", "0"], "--concurrency: must be a finite number >= 1"),
+                               (["--give-up", "0"], "--give-up: must be a finite number > 0")):
+            with pytest.raises(SystemExit) as exc:
+                cli.main(base + extra)
+            assert exc.value.code == 2 and message in capsys.readouterr().err
         assert srv.posts == 0
 
 
@@ -362,3 +370,42 @@ def test_cli_spreads_a_sweep_over_a_server_file(tmp_path, capsys):
         counts = (len(a.history), len(b.history))
     assert code == 0 and sum(counts) == 6 and min(counts) > 0
     assert "6/6 runs succeeded (" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--score", "brigthness"], "unknown reward 'brigthness' for --score; choose one of"),
+    (["--score", "aesthetic-v2", "--reward-folder", "."], "no clip weights found"),
+    (["--set", "3.seed=9..1"], "start is above end"),
+    (["--runs", "missing.csv"], "--runs file 'missing.csv' does not exist"),
+])
+def test_cli_checks_every_argument_before_the_first_request(tmp_path, capsys, monkeypatch, extra, says):
+    """Issue 14: `--score <typo>` ran the whole sweep, then printed a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REWARDLAB_MODELS", raising=False)
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(txt2img_api()))
+    with ThreadedServer() as srv:
+        seen = []
+        monkeypatch.setattr(cli, "fetch_object_info", lambda *a: seen.append(a))
+        code = cli.main([str(wf), "--server", srv.url, "--out", str(tmp_path / "out"), "--no-progress", *extra])
+        posts = srv.posts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and says in err[-1] and err[-1].startswith("rewardlab run: error: ") and len(err) == 1
+    assert seen == [] and posts == 0 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--concurrency", "0", "argument --concurrency: must be a finite number >= 1, got 0"),
+    ("--timeout", "-5", "argument --timeout: must be a finite number > 0.0"),
+    ("--poll", "nan", "argument --poll: must be a finite number > 0.0"),
+    ("--server", "localhost:8188", "argument --server: 'localhost:8188' is not an http(s) URL"),
+])
+def test_cli_argument_mistakes_exit_2_with_one_line(tmp_path, capsys, flag, value, says):
+    """Issue 14: `--concurrency 0` printed a traceback."""
+    from rewardlab import cli as rewardlab_cli
+
+    args = ["run", str(tmp_path / "wf.json"), "--server", "http://127.0.0.1:9", flag, value]
+    with pytest.raises(SystemExit) as exc:
+        rewardlab_cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and says in err[-1] and "Traceback" not in "\n".join(err)

@@ -1,6 +1,7 @@
 """open_clip rewards (aesthetic v1/v2, HPSv2, CLIP score) on tiny random models: weight files written in the published
 layouts, loaded through the registry, scored against open_clip's own model + preprocessing on 8-bit PIL images."""
 import dataclasses
+import logging
 import os
 import sys
 from collections import OrderedDict
@@ -187,6 +188,40 @@ def test_mismatched_files_give_clear_errors(world, tmp_path):
              "head": world["folder"] + "/sac+logos+ava1-l14-linearMSE.pth"}
     with pytest.raises(RewardWeightsError, match=r"tiny-aesthetic-v1.*layers\.0\.weight.*Expected keys: weight \(1, 16\)"):
         registry.build_reward("tiny-aesthetic-v1", files)
+
+
+def test_a_transformers_clip_in_the_aesthetic_slot_says_what_the_file_holds(world, tmp_path):
+    """Issue 14: a transformers-layout CLIP given as the aesthetic CLIP was reported as '296 missing keys'."""
+    hf = tmp_path / "ViT-L-14-quickgelu-openai.safetensors"
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(4, 3, 2, 2),
+               "vision_model.post_layernorm.weight": torch.zeros(4),
+               "text_model.final_layer_norm.weight": torch.zeros(4),
+               "visual_projection.weight": torch.zeros(4, 4)}, str(hf))
+    files = {"clip": str(hf), "head": world["folder"] + "/sac+logos+ava1-l14-linearMSE.pth"}
+    with pytest.raises(RewardWeightsError) as err:
+        registry.build_reward("tiny-aesthetic-v2", files)
+    msg = str(err.value)
+    assert "has no visual.* keys: the file holds a transformers (Hugging Face) CLIPModel: vision_model.*" in msg
+    assert "open_clip" in msg and "missing keys" not in msg
+    # the same file as an HPS / CLIP-score weight file: the mismatch report starts with what the file holds
+    with pytest.raises(RewardWeightsError, match="the file holds a transformers .*CLIPModel"):
+        registry.build_reward("tiny-clipscore", {"weights": str(hf)})
+
+
+def test_open_clip_random_init_notice_is_silenced_only_when_weights_follow(world, caplog):
+    """Issue 14: every HPS / aesthetic load logged open_clip's 'No pretrained weights loaded ... initialized
+    randomly', though the weights are loaded right after."""
+    from rewardlab.rewards.clip_models import build_open_clip
+
+    notice = "No pretrained weights loaded"
+    with caplog.at_level(logging.WARNING):
+        registry.build_reward("tiny-hps-v2.1", registry.resolve_files("tiny-hps-v2.1", world["folder"]))
+        registry.build_reward("tiny-aesthetic-v2", registry.resolve_files("tiny-aesthetic-v2", world["folder"]))
+    assert not [r for r in caplog.records if notice in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        build_open_clip(TINY_CLIP)                                # truly random: the notice stays
+    assert [r for r in caplog.records if notice in r.getMessage()]
+    assert not logging.getLogger().filters
 
 
 def test_missing_weights_name_the_expected_files(world, tmp_path, monkeypatch):

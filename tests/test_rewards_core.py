@@ -276,6 +276,34 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch, fmt):
     assert calls == ["echo pwned > /dev/null"]
 
 
+class NeedsAClass:
+    pass
+
+
+def test_a_pickle_needing_a_class_names_it_without_colour_codes_or_torch_advice(tmp_path):
+    """Issue 14: the message kept torch's raw ANSI codes and its weights_only=False advice, and lost the class."""
+    path = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "model": NeedsAClass()}, path)
+    with pytest.raises(RewardWeightsError) as err:
+        read_state_dict(str(path), "hps-v2.1", "{'state_dict': ...}")
+    msg = str(err.value)
+    assert f"needs the Python class or function '{__name__}.NeedsAClass' to load" in msg
+    assert "\x1b" not in msg and "weights_only" not in msg and "if you trust" not in msg and "\n" not in msg
+    assert "convert the file once, in a trusted environment, to .safetensors" in msg
+
+
+def test_tiny_images_are_a_clear_error_for_rewards_that_need_a_minimum_size():
+    """Issue 14: sharpness on a 1x1 or 2x2 image failed inside conv2d."""
+    sharp = registry.load_reward("sharpness", "cpu")
+    for size in (1, 2, 3):
+        with pytest.raises(ValueError, match=f"{size}x{size} pixels are too small for this reward \\(at least 4x4\\)"):
+            sharp(torch.rand(1, 3, size, size))
+    assert torch.isfinite(sharp(torch.rand(2, 3, 4, 4))).all()
+    for name in registry.list_rewards(weight_free=True):         # every other weight-free reward scores 1x1 images
+        if name != "sharpness":
+            assert torch.isfinite(registry.load_reward(name, "cpu")(torch.rand(2, 3, 1, 1))).all(), name
+
+
 def test_state_dict_unwrapping_and_clear_mismatch_errors(tmp_path):
     head = torch.nn.Linear(8, 1)
     torch.save({"state_dict": {f"module.{k}": v.half() for k, v in head.state_dict().items()}}, tmp_path / "h.pt")

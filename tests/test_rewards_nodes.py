@@ -134,3 +134,46 @@ def test_nodes_are_registered():
     for name in ("RewardLabLoadReward", "RewardLabCombineRewards", "RewardLabScoreImages", "RewardLabRankImages",
                  "RewardLabRewardGradient", "RewardLabWeightFreeReward", "RewardLabUnloadRewards"):
         assert name in rewardlab.NODE_CLASS_MAPPINGS and name in rewardlab.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_rank_node_with_a_latent_of_another_batch_is_a_clear_error():
+    """Issue 14: Rank Images with 3 images and a 1-sample latent raised an IndexError."""
+    reward = registry.build_reward("brightness")
+    with pytest.raises(ValueError, match="LATENT holds 1 sample\\(s\\) but there are 3 images: connect the latent"):
+        rn.RewardLabRankImages().rank(reward, RGB, "", top_k=2, latent={"samples": torch.zeros(1, 4, 2, 3)})
+
+
+def test_nan_scores_rank_last_in_both_orders():
+    """A reward that fails on one image (NaN) must never make it the 'best' (torch sorts NaN as the largest)."""
+    class NaNOnGreen(Reward):
+        name = "nan-on-green"
+
+        def score(self, images, prompts):
+            s = images.mean((1, 2, 3))
+            return torch.where(images[:, 1].mean((1, 2)) > 0.5, torch.full_like(s, float("nan")), s)
+
+    images = solid((0.9, 0.1, 0.1), (0.0, 1.0, 0.0), (0.1, 0.1, 0.1))
+    for order, first in (("best first", 0), ("worst first", 2)):
+        out, _, scores, table = rn.RewardLabRankImages().rank(NaNOnGreen(), images, "", top_k=0, order=order)
+        assert out[0, 0, 0].tolist() == pytest.approx(images[first, 0, 0].tolist()) and scores[-1] != scores[-1]
+
+
+def test_tiny_images_fail_clearly_in_the_score_nodes():
+    """Issue 14: tiny images (1x1 with sharpness) failed inside conv2d; the nodes now say what to do."""
+    sharp = rn.RewardLabWeightFreeReward().build("sharpness")[0]
+    for call in (lambda: rn.RewardLabScoreImages().score(sharp, solid((0.5, 0.5, 0.5), h=1, w=1)),
+                 lambda: rn.RewardLabRankImages().rank(sharp, solid((0.5, 0.5, 0.5), h=2, w=2)),
+                 lambda: rn.RewardLabRewardGradient().gradient(sharp, solid((0.5, 0.5, 0.5), h=3, w=64))):
+        with pytest.raises(ValueError, match="pixels are too small for this reward \\(at least 4x4\\); upscale"):
+            call()
+
+
+def test_load_node_names_a_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match="folder .*nope' does not exist"):
+        rn.RewardLabLoadReward().load("brightness", "fp32", "cpu", folder=str(tmp_path / "nope"))
+
+
+def test_an_empty_image_batch_is_a_clear_error():
+    reward = registry.build_reward("brightness")
+    with pytest.raises(ValueError, match="IMAGE batch is empty"):
+        rn.RewardLabScoreImages().score(reward, torch.zeros(0, 8, 8, 3))

@@ -2,6 +2,8 @@
 CLIP text encoder, a character-level CLIP tokenizer, DDPM scheduler; no downloads)."""
 import json
 
+import pytest
+
 import torch
 
 from rewardlab.cli import build_parser
@@ -44,14 +46,16 @@ def test_train_command_on_a_diffusers_folder(tmp_path, capsys):
     args = build_parser().parse_args([
         "train", "--model", str(model), "--reward", "saturation", "--device", "cpu", "--train-steps", "3",
         "--save-every", "2", "--steps", "3", "--batch-size", "2", "--width", "32", "--height", "32",
-        "--method", "draft_lv", "--rank", "2", "--lr", "1e-2", "--out", str(out), "--name", "../sd_lora",
+        "--method", "draft_lv", "--rank", "2", "--lr", "1e-2", "--out", str(out), "--name", "sd_lora",
         "--precision", "fp32"])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "reward before" in printed and "step    3" in printed
-    lora = out / "sd_lora.safetensors"                     # '../' removed: stays inside --out
-    for suffix in (".safetensors", ".state.pt", "_curve.png", "_before.png", "_after.png", "_log.json"):
+    lora = out / "sd_lora.safetensors"
+    for suffix in (".safetensors", "_curve.png", "_before.png", "_after.png", "_log.json"):
         assert (out / f"sd_lora{suffix}").exists(), suffix
+    assert (out / "rewardlab_state" / "sd_lora.state.pt").exists()       # the state never sits beside the LoRA
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.part"))
     sd, state = ckpt.load_checkpoint(str(lora))
     assert state["step"] == 3
     # diffusers module names are written as kohya keys, which ComfyUI maps onto its SD UNet names
@@ -69,3 +73,42 @@ def test_train_command_on_a_diffusers_folder(tmp_path, capsys):
     assert "resumed" in capsys.readouterr().out
     assert ckpt.load_checkpoint(str(lora))[1]["step"] == 4
 
+
+def run_cli(argv, capsys):
+    """(exit status, stderr) of `rewardlab ...`."""
+    from rewardlab.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--name", "x" * 300], "shorten it to at most 200 bytes"),
+    (["--name", "../up"], "'..'"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be a finite number >= 1, got 0"),
+    (["--lr", "nan"], "learning_rate (--lr) must be a finite number"),
+    (["--reward", "brigthness"], "unknown reward model 'brigthness'"),
+    (["--prompts", "/no/such/prompts.txt"], "--prompts /no/such/prompts.txt: no such file"),
+    (["--sampler", "eulr"], "invalid choice: 'eulr'"),
+    (["--k", "9", "--steps", "3"], "K=9 exceeds the 3 sampling steps"),
+])
+def test_train_command_rejects_bad_input_with_one_line_and_status_2_before_any_work(tmp_path, capsys, argv, says):
+    code, err = run_cli(["train", "--out", str(tmp_path / "out"), "--device", "cpu", *argv], capsys)
+    assert code == 2 and says in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+def test_train_command_never_replaces_an_existing_lora_silently(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "draft_lora.safetensors").write_bytes(b"an earlier run")
+    code, err = run_cli(["train", "--out", str(out)], capsys)
+    assert code == 2 and "draft_lora.safetensors already exists: pass --resume to continue it, --overwrite" in err
+    assert (out / "draft_lora.safetensors").read_bytes() == b"an earlier run"
+
+
+def test_demo_rejects_bad_numbers_with_one_line_and_status_2(tmp_path, capsys):
+    for argv, says in ((["--per-caption", "0"], "--per-caption: must be a finite number >= 1, got 0"),
+                       (["--sampler", "dpm"], "invalid choice: 'dpm'")):
+        code, err = run_cli(["demo", "--out", str(tmp_path), *argv], capsys)
+        assert code == 2 and says in err.strip().splitlines()[-1]

@@ -72,8 +72,9 @@ def test_train_command_on_each_family_writes_an_attention_lora_comfyui_maps_and_
     train(folders[family], out, "--train-steps", "2", "--save-every", "2")
     printed = capsys.readouterr().out
     assert "step    2" in printed and "reward before" in printed and "after" in printed
-    for suffix in (".safetensors", ".state.pt", "_curve.png", "_before.png", "_after.png", "_log.json"):
+    for suffix in (".safetensors", "_curve.png", "_before.png", "_after.png", "_log.json"):
         assert (out / f"lora{suffix}").exists(), suffix
+    assert (out / "rewardlab_state" / "lora.state.pt").exists()
     sd, state = ckpt.load_checkpoint(str(out / "lora.safetensors"))
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
     assert state["step"] == 2 and len(modules) >= 4

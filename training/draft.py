@@ -4,15 +4,19 @@ Every method is one or two calls of ``samplers.sample`` with a gradient ``Policy
 
   draft      DRaFT, grad through every step                 Policy.all()
   draft_k    DRaFT-K, grad through the last K steps         Policy.last(K)
-  draft_lv   DRaFT-LV(n): no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad
-  alignprop  AlignProp: K drawn once per trajectory          Policy.last(K, prefix="no_grad" | "detach")
+  draft_lv   DRaFT-LV(n): no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad;
+             the objective is the SUM of the n rewards (the paper's Algorithm 2)
+  alignprop  AlignProp: K ~ Uniform{k_min … k_max} drawn once per trajectory (default: the whole chain)  Policy.last(K)
   refl       ReFL: no-grad to a step m drawn from a range, one grad call, reward on its x̂0
-  drtune     DRTune: grad at K evenly spaced steps with stop-grad on the denoiser input; the linear skip path
-             between steps stays differentiable                  Policy.at(steps, stop_grad_input=True, prefix="detach")
+  drtune     DRTune: grad at K evenly spaced steps (random offset per trajectory) with stop-grad on the denoiser
+             input; the linear skip path between steps stays differentiable
+                                                             Policy.at(steps, stop_grad_input=True, prefix="detach")
 
-The loss is −reward (or ReLU(cap − reward), ReFL's capped form), plus an optional DRaFT+ ε-space L2 penalty to
-the frozen base: at each grad call the same denoiser runs again with LoRA scale 0 under no_grad on the same x
-and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for ε/v models, velocity for flow).
+The loss is loss_scale·(−reward), or loss_scale·ReLU(reward_cap − reward) (ReFL's hinge, loss="hinge"), plus an
+optional DRaFT+ ε-space L2 penalty to the frozen base: at each grad call the same denoiser runs again with LoRA
+scale 0 under no_grad on the same x and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for
+ε/v models, velocity for flow). ``preset="paper"`` sets every hyperparameter of the chosen method as published
+(training/options.py PRESETS; sources in docs/methods.md).
 
 Randomness is private (no global RNG): every micro-batch draws from its own generator seeded by (seed, global
 micro-batch index), so the RNG state at any point is a function of the step. A resumed run therefore draws exactly
@@ -30,21 +34,28 @@ from typing import Callable
 import torch
 
 from .. import runtime
+from ..rewards.base import prompt_lines
 from ..samplers import Cancelled, Policy, noise_scaling, sample
 from . import checkpoints as ckpt
 from .lora import load_lora_state_dict, lora_parameters, lora_state_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("negative", "hinge")
+PRESET_NAMES = ("custom", "paper")
 
 
 @dataclass
 class DraftConfig:
     method: str = "draft_k"
-    k: int = 1                    # DRaFT-K: grad steps; AlignProp: largest K; DRTune: number of sparse grad steps
+    preset: str = "custom"        # "paper": the method's published hyperparameters override the fields below
+    k: int = 1                    # DRaFT-K: grad steps; DRTune: number of sparse grad steps
     k_min: int = 1                # AlignProp: smallest K
+    k_max: int = 0                # AlignProp: largest K (0: the number of sampling steps, the paper's range)
     lv_n: int = 2                 # DRaFT-LV: re-noised copies of the final sample
-    alignprop_prefix: str = "no_grad"   # "detach" = TRL/AlignProp truncation (latent path stays differentiable)
-    refl_range: tuple = None      # ReFL: (first, last) step index m; default: the last quarter of the chain
+    lv_reduction: str = "sum"     # DRaFT-LV: "sum" of the n rewards (paper) or "mean" (1/n of its gradient)
+    refl_first: int = -1          # ReFL: the step m is drawn from [refl_first, refl_last]; -1: the last quarter
+    refl_last: int = -1
+    drtune_offset: str = "random"  # DRTune: "random" start of the evenly spaced steps per trajectory, or "fixed"
     steps: int = 20               # sampling steps per trajectory
     sampler: str = "euler"        # euler == DDIM(η=0) in σ-space
     scheduler: str = "normal"
@@ -65,11 +76,21 @@ class DraftConfig:
     precision: str = "bf16"       # bf16/fp16 autocast is used on CUDA only
     checkpointing: bool = True    # recompute each grad-step denoiser call in backward
     kl_weight: float = 0.0        # DRaFT+ ε-L2 penalty to the frozen base
-    reward_cap: float = None      # loss = ReLU(cap − reward) instead of −reward
+    loss: str = "negative"        # "negative": −reward; "hinge": ReLU(reward_cap − reward) (ReFL)
+    reward_cap: float = 2.0       # the hinge's cap (ReFL: 2, in ImageReward units)
+    loss_scale: float = 1.0       # multiplies the reward loss (ReFL's grad_scale 1e-3; AlignProp's loss_coeff 0.01)
     heldout_every: int = 0        # score the held-out prompts every N steps (0: never)
     early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
     save_every: int = 50          # checkpoint every N steps (0: only at the end); needs a lora_path
     compile_prefix: str = None    # torch.compile backend for no-grad denoiser calls ("inductor"); None: eager
+
+    def __post_init__(self):
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        if self.preset == "paper":
+            from .options import paper_values        # the table lives with the user-facing options
+            for name, value in paper_values(self.method).items():
+                setattr(self, name, value)
 
     def validate(self):
         def need(ok, msg):
@@ -77,6 +98,8 @@ class DraftConfig:
                 raise ValueError(msg)
         need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        need(self.loss_scale > 0, "loss_scale must be > 0")
         need(self.steps >= 1, "steps (sampling steps) must be >= 1")
         need(1 <= self.k, f"K must be >= 1, got {self.k}")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
@@ -86,9 +109,14 @@ class DraftConfig:
         need(problem is None, problem)
 
     def refl_span(self):
-        if self.refl_range is not None:
-            return int(self.refl_range[0]), int(self.refl_range[1])
-        return self.steps - max(1, self.steps // 4), self.steps - 1
+        """ReFL's range of m: the last quarter of the chain unless set (ReFL: steps 30…39 of 40)."""
+        first = self.refl_first if self.refl_first >= 0 else self.steps - max(1, self.steps // 4)
+        last = self.refl_last if self.refl_last >= 0 else self.steps - 1
+        return first, last
+
+    def alignprop_span(self):
+        """AlignProp's range of K: [k_min, k_max], k_max = 0 meaning every step (K ~ Uniform over the chain)."""
+        return self.k_min, self.k_max if self.k_max > 0 else self.steps
 
 
 @dataclass
@@ -101,6 +129,7 @@ class Plan:
     seed: int                      # for ancestral-step noise inside the runner
     k: int = None                  # AlignProp's K for this trajectory
     m: int = None                  # ReFL's step
+    steps: tuple = None            # DRTune's trained steps for this trajectory
     lv_noise: list = field(default_factory=list)
 
 
@@ -140,7 +169,8 @@ def _trajectory(policy):
 
 
 def _render_lv(trainer, plan, den, hook):
-    """DRaFT-LV: a no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad."""
+    """DRaFT-LV: a no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad.
+    Returns the rewards of every copy, (n, B): the loss sums them (Algorithm 2) or averages them."""
     b, sig = trainer.bundle, trainer.schedule()
     with torch.no_grad():
         x0 = trainer.run(den, trainer.start(plan), sig, Policy.none(), plan).x
@@ -151,7 +181,7 @@ def _render_lv(trainer, plan, den, hook):
         img = b.decode(trainer.run(den, x1, last, Policy.all(checkpoint=trainer.cfg.checkpointing), plan, hook).x)
         images.append(img)
         rewards.append(trainer.reward(img, plan.prompts))
-    return torch.cat(images), torch.stack(rewards).mean(0)
+    return torch.cat(images), torch.stack(rewards)
 
 
 def _render_refl(trainer, plan, den, hook):
@@ -162,12 +192,43 @@ def _render_refl(trainer, plan, den, hook):
     return images, trainer.reward(images, plan.prompts)
 
 
+def _render_drtune(trainer, plan, den, hook):
+    """DRTune: θ-gradients at the plan's steps with the *network* input stop-gradiented; the parametrisation's skip
+    path c_skip·x (and the solver's linear path) carries the reward gradient back to the earlier trained steps."""
+    c = trainer.cfg
+    policy = Policy.at(plan.steps, stop_grad_input=True, prefix="detach", checkpoint=c.checkpointing,
+                       input_skip=trainer.bundle.skip)
+    x = trainer.run(den, trainer.start(plan), trainer.schedule(), policy, plan, hook).x
+    images = trainer.bundle.decode(x)
+    return images, trainer.reward(images, plan.prompts)
+
+
 def _check_alignprop(c):
-    if not 1 <= c.k_min <= min(c.k, c.steps):
-        return f"AlignProp needs 1 <= k_min ({c.k_min}) <= k ({c.k}) <= steps ({c.steps})"
-    if c.alignprop_prefix not in ("no_grad", "detach"):
-        return "alignprop_prefix must be 'no_grad' or 'detach'"
+    lo, hi = c.alignprop_span()
+    if not 1 <= lo <= hi <= c.steps:
+        return (f"AlignProp draws K from [k_min, k_max] = [{lo}, {hi}], which must lie in [1, steps = {c.steps}]; "
+                f"lower k_min/k_max or set k_max to 0 (every step)")
     return None
+
+
+def _check_lv(c):
+    if c.lv_n < 1:
+        return "DRaFT-LV needs n >= 1 re-noised copies"
+    return None if c.lv_reduction in ("sum", "mean") else "lv_reduction must be 'sum' (paper) or 'mean'"
+
+
+def _check_drtune(c):
+    problem = _k_within_steps(c)
+    if problem is None and c.drtune_offset not in ("random", "fixed"):
+        problem = "drtune_offset must be 'random' (paper) or 'fixed'"
+    return problem
+
+
+def _draw_drtune(c, g, shape):
+    """DRTune's K evenly spaced steps, shifted by a random offset per trajectory so every step gets trained."""
+    stride, room = drtune_stride(c.steps, c.k)
+    offset = int(torch.randint(0, room + 1, (), generator=g)) if c.drtune_offset == "random" else room
+    return {"steps": tuple(offset + j * stride for j in range(min(c.k, c.steps)))}
 
 
 def _check_refl(c):
@@ -178,20 +239,18 @@ def _check_refl(c):
 METHODS = {m.name: m for m in (
     Method("draft_k", "DRaFT-K", check=_k_within_steps,
            render=_trajectory(lambda c, p: Policy.last(c.k, checkpoint=c.checkpointing))),
-    Method("draft_lv", "DRaFT-LV",
-           check=lambda c: None if c.lv_n >= 1 else "DRaFT-LV needs n >= 1 re-noised copies",
+    Method("draft_lv", "DRaFT-LV", check=_check_lv,
            draw=lambda c, g, shape: {"lv_noise": [torch.randn(shape, generator=g) for _ in range(c.lv_n)]},
            render=_render_lv),
     Method("draft", "DRaFT (full)", render=_trajectory(lambda c, p: Policy.all(checkpoint=c.checkpointing))),
     Method("alignprop", "AlignProp", check=_check_alignprop,
-           draw=lambda c, g, shape: {"k": int(torch.randint(c.k_min, min(c.k, c.steps) + 1, (), generator=g))},
-           render=_trajectory(lambda c, p: Policy.last(p.k, prefix=c.alignprop_prefix, checkpoint=c.checkpointing))),
+           draw=lambda c, g, shape: {"k": int(torch.randint(c.alignprop_span()[0], c.alignprop_span()[1] + 1, (),
+                                                            generator=g))},
+           render=_trajectory(lambda c, p: Policy.last(p.k, checkpoint=c.checkpointing))),
     Method("refl", "ReFL", check=_check_refl,
            draw=lambda c, g, shape: {"m": int(torch.randint(c.refl_span()[0], c.refl_span()[1] + 1, (), generator=g))},
            render=_render_refl),
-    Method("drtune", "DRTune", check=_k_within_steps,
-           render=_trajectory(lambda c, p: Policy.at(drtune_steps(c.steps, c.k), stop_grad_input=True, prefix="detach",
-                                                     checkpoint=c.checkpointing))),
+    Method("drtune", "DRTune", check=_check_drtune, draw=_draw_drtune, render=_render_drtune),
 )}
 
 
@@ -253,7 +312,9 @@ class Trainer:
     reward:      ``reward(images_bchw01, prompts) -> Tensor[B]`` (higher is better), differentiable
     prompts:     training prompts, cycled (shuffled per epoch when config.shuffle)
     heldout:     prompts scored every ``heldout_every`` steps with fixed noise (reward-hacking monitor)
-    lora_path:   where checkpoints go (``<name>.safetensors`` + ``<name>.state.pt``); None: no saving
+    lora_path:   where checkpoints go (``<name>.safetensors``); None: no saving
+    state_path:  where the training state goes (default ``checkpoints.default_state_path``: rewardlab_state/ beside
+                 the LoRA; hosts whose LoRA folder a loader lists pass a path outside it)
     on_step:     called with each step's log record and the trainer (progress bars, previews)
     cancel:      called before every step and every sampling step; truthy stops training cleanly
     free_memory: called after an OOM / NaN / cancel (ComfyUI: host.free_memory)
@@ -262,7 +323,7 @@ class Trainer:
     """
 
     def __init__(self, bundle, reward, config=None, prompts=("",), heldout=(), lora_path=None, on_step=None,
-                 cancel=None, free_memory=None, adapters=None, run_name="default", run_id=None):
+                 cancel=None, free_memory=None, adapters=None, run_name="default", run_id=None, state_path=None):
         self.cfg = config or DraftConfig()
         self.cfg.validate()
         if not prompts:
@@ -272,6 +333,7 @@ class Trainer:
         self.lora_path, self.on_step, self.cancel = lora_path, on_step, cancel
         self.run_name, self.run_id = run_name, run_id or f"{run_name}-{uuid.uuid4().hex[:8]}"
         self._reported = False
+        self.state_path = state_path or (ckpt.default_state_path(lora_path) if lora_path else None)
         self.free_memory = free_memory or runtime.current().free_memory
         c = self.cfg
         self.adapters = adapters if adapters is not None else self._seeded(
@@ -293,6 +355,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.step, self.log = 0, []
         self.best_heldout, self.bad_evals, self.saved_step = None, 0, None
+        self._pending = None          # a checkpoint taken after a step, written once a finite loss vouches for it
         self.last_images = None
         self._perms = {}
 
@@ -367,11 +430,20 @@ class Trainer:
         with self._autocast():
             return METHODS[self.cfg.method].render(self, plan, den, self._penalty_hook(den, penalties))
 
+    def reward_loss(self, r):
+        """Per-trajectory loss of rewards ``r`` (B,), or (n, B) for DRaFT-LV's n copies of each trajectory, whose
+        per-copy losses are summed (paper) or averaged (lv_reduction)."""
+        c = self.cfg
+        per = torch.relu(c.reward_cap - r) if c.loss == "hinge" else -r
+        if per.ndim == 2:
+            per = per.sum(0) if c.lv_reduction == "sum" else per.mean(0)
+        return c.loss_scale * per.mean()
+
     def _loss(self, plan, den):
         penalties = []
         images, r = self.images_and_rewards(plan, den, penalties)
         r = r.float()
-        loss = torch.relu(self.cfg.reward_cap - r).mean() if self.cfg.reward_cap is not None else -r.mean()
+        loss = self.reward_loss(r)
         kl = torch.stack(penalties).mean() if penalties else None
         if kl is not None:
             loss = loss + self.cfg.kl_weight * kl
@@ -428,7 +500,8 @@ class Trainer:
             infos.append(info)
         bad = self._sync(bad)
         if bad:
-            raise NonFiniteLoss(f"the loss became NaN/Inf at step {self.step}")
+            raise NonFiniteLoss(f"the loss became NaN/Inf at step {self.step + 1}")
+        self._write_pending()             # a finite loss with the current weights: the pending checkpoint is good
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
@@ -436,10 +509,12 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
         elif not torch.isfinite(norm):
-            raise NonFiniteLoss(f"the LoRA gradient became NaN/Inf at step {self.step}")
+            raise NonFiniteLoss(f"the LoRA gradient became NaN/Inf at step {self.step + 1}")
         else:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if not self.weights_finite():
+            raise NonFiniteLoss(f"the LoRA weights became NaN/Inf in the update of step {self.step + 1}")
         self.last_images = infos[-1]["images"].float().cpu()
         self.step += 1
         def mean(key):
@@ -487,43 +562,131 @@ class Trainer:
         return float(self.sample_images(prompts, seed, scale)[1].mean())
 
     # --- checkpoints -------------------------------------------------------------------------------------------
+    # A checkpoint holds the weights after step N. It is taken after step N but written only once a finite loss has
+    # been computed with those weights: by step N + 1, or by one no-grad check when training ends or stops. So a
+    # diverged update (finite but huge weights whose next loss is NaN) never overwrites the last good checkpoint.
 
     def state_dict(self):
-        return {"step": self.step, "seed": self.cfg.seed, "method": self.cfg.method, "optimizer": self.opt.state_dict(),
+        c = self.cfg
+        return {"step": self.step, "seed": c.seed, "method": c.method, "optimizer": self.opt.state_dict(),
                 "log": self.log, "best_heldout": self.best_heldout, "bad_evals": self.bad_evals,
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "lora_settings": {"rank": c.rank, "alpha": c.alpha,
+                                  "targets": list(c.targets) if isinstance(c.targets, tuple) else c.targets},
+                "lora": self.lora_state_dict()}
 
     def lora_state_dict(self):
         """The trained LoRA in the bundle's file key format."""
         return lora_state_dict(self.adapters, key=self.bundle.lora_key)
 
-    def save(self, path=None):
-        """Write the LoRA (ComfyUI keys) and the state beside it, atomically. Only rank 0 writes."""
-        path = path or self.lora_path
-        if path is None or self.rank != 0:
-            return path
-        meta = {"rewardlab_method": self.cfg.method, "rewardlab_step": self.step, "rewardlab_rank": self.cfg.rank}
-        ckpt.save_checkpoint(self.lora_state_dict(), self.state_dict(), path, meta)
-        self.saved_step = self.step
-        return path
+    def weights_finite(self):
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all())     # one device sync
 
-    def resume(self, path=None):
-        """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log."""
+    def _metadata(self, step):
+        return {"rewardlab_method": self.cfg.method, "rewardlab_step": step, "rewardlab_rank": self.cfg.rank}
+
+    def _snapshot(self):
+        """CPU copies of the LoRA and the state now (the optimiser keeps updating its tensors in place)."""
+        return {"step": self.step, "lora": ckpt.cpu_copy(self.lora_state_dict()),
+                "state": ckpt.cpu_copy(self.state_dict())}
+
+    def _write(self, snap, path=None, state_path=None):
+        """Write a snapshot to this run's files, or to ``path`` (with ``state_path``, default beside it)."""
+        if path is None:
+            path, state_path = self.lora_path, self.state_path
+        if self.rank == 0:
+            ckpt.save_checkpoint(snap["lora"], snap["state"], path, self._metadata(snap["step"]), state_path)
+        if path == self.lora_path:
+            self.saved_step = snap["step"]
+
+    def _write_pending(self):
+        snap, self._pending = self._pending, None
+        if snap is not None:
+            self._write(snap)
+
+    def loss_is_finite(self):
+        """One no-grad loss of the next step's micro-batch with the current weights, without the cancel hook: it
+        vouches for a checkpoint when training ends or stops."""
+        cancel, self.cancel = self.cancel, None
+        try:
+            with torch.no_grad():
+                plan = self.plan(self.step)
+                loss, _ = self.bundle.session(plan.prompts, self.cfg.cfg, lambda den: self._loss(plan, den))
+                return self.weights_finite() and math.isfinite(float(loss))
+        finally:
+            self.cancel = cancel
+
+    def save(self, path=None, state_path=None):
+        """Write the LoRA (ComfyUI keys) and the state, atomically, if the current weights give a finite loss;
+        returns the path, or None when nothing was written. Only rank 0 writes."""
+        target = path or self.lora_path
+        if target is None:
+            return None
+        if self._pending is not None and self._pending["step"] == self.step:
+            self._pending = None
+        if not self.loss_is_finite():
+            return None
+        self._write(self._snapshot(), path, state_path)
+        return target
+
+    def resume(self, path=None, state_path=None):
+        """Continue from a checkpoint written by ``save``: same LoRA, optimiser state, step and log. The learning
+        rate, betas and weight decay are this trainer's settings (a resume may lower the learning rate). A state
+        of other settings (seed, method, rank, alpha, targets) is refused with the fix."""
         path = path or self.lora_path
-        sd, state = ckpt.load_checkpoint(path)
+        sd, state = ckpt.load_checkpoint(path, state_path or (self.state_path if path == self.lora_path else None))
+        if state is not None:
+            self._check_resumable(path, state)
+            sd = state.get("lora") or sd
+        self._check_lora_layout(path, sd)
         load_lora_state_dict(self.adapters, sd, key=self.bundle.lora_key)
         if state is None:
             return self
-        if state.get("seed") != self.cfg.seed or state.get("method") != self.cfg.method:
-            raise ValueError(f"checkpoint {path!r} was written with seed={state.get('seed')}, method="
-                             f"{state.get('method')!r}; resume with the same settings or start a new name")
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"the training state of {path} does not fit this LoRA ({e}); resume with the settings "
+                             f"it was trained with, or train under a new name") from None
+        c = self.cfg
+        for group in self.opt.param_groups:
+            group.update(lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.log = int(state["step"]), list(state["log"])
         self.best_heldout, self.bad_evals = state["best_heldout"], int(state["bad_evals"])
         self.saved_step = self.step
         return self
+
+    def _check_resumable(self, path, state):
+        c = self.cfg
+        now = {"seed": c.seed, "method": c.method}
+        saved = {"seed": state.get("seed"), "method": state.get("method")}
+        settings = state.get("lora_settings")
+        if settings is not None:
+            targets = list(c.targets) if isinstance(c.targets, tuple) else c.targets
+            now.update(rank=c.rank, alpha=c.alpha, targets=targets)
+            saved.update(settings)
+        differ = [k for k in now if saved.get(k) != now[k]]
+        if differ:
+            was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+            asked = ", ".join(f"{k}={now[k]!r}" for k in differ)
+            raise ValueError(f"checkpoint {path!r} was written with {was}, but this run asks for {asked}; resume "
+                             f"with the settings it was trained with, or train under a new name")
+
+    def _check_lora_layout(self, path, sd):
+        """The file's LoRA modules and shapes must be exactly the adapters' (rank and targets as trained)."""
+        want = {k: tuple(v.shape) for k, v in self.lora_state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in sd.items()}
+        if want == have:
+            return
+        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+        shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+        parts = [f"{len(extra)} entries this run has no module for (e.g. {extra[0]})" if extra else "",
+                 f"no weights for {len(missing)} of this run's entries (e.g. {missing[0]})" if missing else "",
+                 f"{len(shapes)} shapes differ (e.g. {shapes[0]}: file {have[shapes[0]]}, run {want[shapes[0]]})"
+                 if shapes else ""]
+        raise ValueError(f"the LoRA in {path} does not match this run's LoRA: {'; '.join(p for p in parts if p)}. "
+                         f"Resume with the rank and targets it was trained with, or train under a new name")
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -542,18 +705,36 @@ class Trainer:
 
     def _stop_message(self, reason, detail):
         c = self.cfg
-        kept = (f"the last good checkpoint is {self.lora_path} (step {self.saved_step})" if self.saved_step is not None
-                else "no checkpoint had been saved yet (set save_every to keep intermediate LoRAs)")
+        if self.saved_step is not None:
+            kept = f"the last good checkpoint is {self.lora_path} (step {self.saved_step}); resume continues from it"
+        elif self.lora_path is None or not c.save_every:
+            kept = "no checkpoint had been saved yet (set save_every to keep intermediate LoRAs)"
+        else:
+            kept = "no checkpoint was kept (one is written only once the next loss with its weights is finite)"
         if reason == "oom":
             fix = (f"out of GPU memory at step {self.step}: lower batch_size (now {c.batch_size}), K (now {c.k}) or "
                    f"the resolution (latent {tuple(self.bundle.latent_shape)}), use grad_accum for a larger effective "
                    f"batch, or enable checkpointing (now {'on' if c.checkpointing else 'off'})")
         elif reason == "nan":
             fix = (f"{detail}: lower the learning rate (now {c.lr:g}), keep grad clipping on (max_grad_norm now "
-                   f"{c.max_grad_norm:g}), lower K, or train in bf16/fp32 instead of fp16 (now {c.precision})")
+                   f"{c.max_grad_norm:g}), or lower K (now {c.k})"
+                   + (", or train in bf16/fp32 instead of fp16" if self.amp_dtype == torch.float16 else ""))
         else:
             fix = f"training was cancelled at step {self.step}"
         return f"RewardLab DRaFT: {fix}; {kept}."
+
+    def _settle_pending(self, vouched):
+        """On a stop: write the pending checkpoint if a no-grad loss with its weights (the current ones) is finite;
+        after a NaN/Inf those weights are the ones that failed, so it is dropped."""
+        snap, self._pending = self._pending, None
+        if snap is None or not vouched or snap["step"] != self.step:
+            return
+        try:
+            good = self.loss_is_finite()
+        except Exception:                 # out of memory again, an interrupt from the host, ...: not vouched for
+            good = False
+        if good:
+            self._write(snap)
 
     def train(self, steps=None):
         """Train until ``steps`` (default config.train_steps) optimiser steps are done, or early stop.
@@ -570,8 +751,8 @@ class Trainer:
                 record = self.train_step()
                 early = self._heldout(record)
                 self.log.append(record)
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    self.save()
+                if self.lora_path is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self._pending = self._snapshot()
                 _status("update", self.run_id, step=self.step, total=total, record=record,
                         last_checkpoint=self.lora_path if self.saved_step is not None else None)
                 if self.on_step is not None:
@@ -579,6 +760,8 @@ class Trainer:
                 if early:
                     status = "early_stopped"
                     break
+            if self.lora_path is not None and self.save() is None:
+                raise NonFiniteLoss(f"the LoRA after the last step (step {self.step}) gives a NaN/Inf loss")
         except torch.cuda.OutOfMemoryError as e:
             stop = ("oom", str(e).splitlines()[0] if str(e) else "")
         except NonFiniteLoss as e:
@@ -589,20 +772,44 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         if stop is not None:              # the exception (and the graph its frames hold) is gone by now
             self.free_memory()
+            self._settle_pending(vouched=stop[0] != "nan")
             _status("finish", self.run_id, status=stop[0], step=self.step)
             raise TrainingStopped(stop[0], self._stop_message(*stop), self.step,
                                   self.lora_path if self.saved_step is not None else None)
-        if self.lora_path is not None:
-            self.save()
         _status("finish", self.run_id, status=status, step=self.step)
         return TrainResult(status, self.step, self.log, self.lora_path if self.saved_step is not None else None,
                            self.best_heldout)
 
 
-def drtune_steps(n, k):
-    """K evenly spaced step indices over a chain of n steps, always including the last one."""
+def training_prompts(text, encoded_by_clip, reward):
+    """The prompt lines of a prompt box; an empty box is an error when the prompts are used (a text encoder encodes
+    them, or the reward reads text). With a fixed conditioning and an image-only reward they are never read."""
+    lines = prompt_lines(text)
+    if lines:
+        return lines
+    if encoded_by_clip or getattr(reward, "needs_text", False):
+        user = "CLIP encodes them" if encoded_by_clip else f"the reward {getattr(reward, 'name', '')!r} reads text"
+        raise ValueError(f"DRaFT: the prompts box is empty, but {user}: write at least one training prompt "
+                         "(one per line)")
+    return [""]
+
+
+def drtune_stride(n, k):
+    """(stride, room) of DRTune's evenly spaced steps over n sampling steps: K steps ⌊n/K⌋ apart, starting at an
+    offset in [0, room]; the paper draws the offset per iteration (room = stride − 1 when K divides n)."""
     k = max(1, min(k, n))
-    return sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) if k > 1 else n - 1 for i in range(k)})
+    stride = n // k
+    return stride, n - 1 - (k - 1) * stride
+
+
+def drtune_steps(n, k, offset=None):
+    """DRTune's trained step indices: K steps ⌊n/K⌋ apart from ``offset`` (default: the last possible start, so
+    the last step is included)."""
+    stride, room = drtune_stride(n, k)
+    offset = room if offset is None else offset
+    if not 0 <= offset <= room:
+        raise ValueError(f"DRTune offset must lie in [0, {room}] for {min(k, n)} steps out of {n}")
+    return [offset + j * stride for j in range(max(1, min(k, n)))]
 
 
 def _status(fn_name, run_id, **fields):

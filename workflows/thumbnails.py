@@ -244,6 +244,41 @@ def cads():
     return plot(series, "CADS: the condition is noised early, clean from tau1 on", "step", ylabel="weight")
 
 
+@thumbnail
+def perturbed_attention_guidance():
+    run = run_info()
+    scale = g.Linear(5.0, 1.0, "p_step")
+    return plot({"PAG scale": scale.values(run), "cfg": [5.0] * run.n_steps},
+                "PAG scale 5 -> 1 over the steps, on top of cfg 5", "step", ylabel="scale")
+
+
+@thumbnail
+def skip_layer_guidance():
+    run = run_info(40)
+    active = [2.8 if 0.01 <= c.p_step <= 0.2 else 0.0 for c in run.contexts()]
+    return plot({"SLG scale (blocks 7, 8, 9 skipped)": active, "cfg": [4.5] * run.n_steps},
+                "skip-layer guidance between 1 % and 20 % of the steps", "step", ylabel="scale")
+
+
+@thumbnail
+def linear_ag():
+    run = run_info()
+    gate = g.LinearAG()
+    evaluated = [0.0 if gate.estimated(c) else 1.0 for c in run.contexts()]
+    return plot({"negative prompt evaluated (1) or estimated (0)": evaluated},
+                f"LinearAG: {evaluated.count(0.0)} of {len(evaluated)} negative evaluations estimated", "step",
+                ylabel="")
+
+
+@thumbnail
+def align_your_steps():
+    from rewardlab.samplers.sigmas import align_your_steps as ays
+    model_sigmas = tiny().model_sigmas.cpu()
+    series = {"Align Your Steps (SD1.5, 10 steps)": [float(v) for v in ays(10, "sd15")[:-1].log()],
+              "karras (10 steps)": [float(v) for v in sigma_schedule("karras", 10, model_sigmas)[:-1].log()]}
+    return plot(series, "log sigma per step: AYS spends its steps differently", "step", ylabel="log sigma")
+
+
 _DRAFT = {}
 
 

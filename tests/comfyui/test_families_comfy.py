@@ -67,7 +67,8 @@ def _text_conditioning(name, tokens=8):
     if name == "flux":      # T5-XXL tokens (4096) + CLIP-L pooled (768), distilled guidance as FluxGuidance sets it
         return [[torch.randn(1, tokens, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g),
                                                              "guidance": 3.5}]]
-    return [[torch.randn(1, tokens, LUMINA_TEXT_DIM, generator=g), {}]]       # Lumina 2: Gemma hidden states
+    return [[torch.randn(1, tokens, LUMINA_TEXT_DIM, generator=g),              # Lumina 2: Gemma hidden states
+             {"attention_mask": torch.ones(1, tokens, dtype=torch.long)}]]
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_FILES))
@@ -140,11 +141,11 @@ def test_draft_trains_the_chosen_layers_and_stock_loader_loads_every_key(comfy, 
     name = f"{fam.name}_{targets.replace(' + ', '_')}"
     conditioning = {"clip": fam.clip} if fam.clip is not None else {"positive": fam.positive, "negative": fam.negative}
     with torch.inference_mode():
-        model, lora, curve, preview = RewardLabDRaFTTrainLoRA().train(
+        model, lora, curve, preview, lora_name = RewardLabDRaFTTrainLoRA().train(
             model=fam.model, vae=fam.vae, reward=load_reward("brightness"), prompts=PROMPT, sampler="euler",
             scheduler="simple", steps=2, cfg=_cfg(fam), width=64, height=64, batch_size=1, method="DRaFT-K", k=1,
             lv_n=2, learning_rate=1e-2, rank=2, training_steps=1, save_every=0, name=name, seed=0, targets=targets,
-            precision="fp32", **conditioning)
+            precision="fp32", overwrite=True, **conditioning)["result"]
     layers = sorted({k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0][len("diffusion_model."):] for k in lora})
     assert layers, "no layer was trained"
     if targets == "attention":
@@ -155,7 +156,7 @@ def test_draft_trains_the_chosen_layers_and_stock_loader_loads_every_key(comfy, 
     assert all(torch.isfinite(v).all() for v in ups) and any(float(v.abs().max()) > 0 for v in ups)
     caplog.set_level(logging.WARNING)
     with torch.inference_mode():
-        loaded = comfy.LoraLoaderModelOnly().load_lora_model_only(fam.model, f"{name}.safetensors", 1.0)[0]
+        loaded = comfy.LoraLoaderModelOnly().load_lora_model_only(fam.model, lora_name, 1.0)[0]
     assert "lora key not loaded" not in caplog.text
     assert len(loaded.patches) == len(layers)
     assert preview.shape == (1, 64, 64, 3) and torch.isfinite(curve).all()

@@ -137,3 +137,26 @@ def test_reno_batch_and_cancel_returns_best_so_far(comfy, unet, vae, conds):
     finally:
         mm.interrupt_current_processing(False)
     assert calls["n"] == 2 and noise.tensor.shape == (2, 4, 8, 8) and image.shape[0] == 2
+
+
+class _NaNReward(Reward):
+    name = "always-nan"
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+def test_a_reward_that_fails_on_every_candidate_is_reported(comfy, unet, vae, conds):
+    """NaN from a reward model: the nodes do not hand back a 'best' noise chosen among NaNs."""
+    with pytest.raises(ValueError, match=r"best reward of sample\(s\) \[0\] is NaN/Inf"):
+        _reno(unet, vae, conds, _NaNReward(), iterations=2)
+    with pytest.raises(ValueError, match="NaN/Inf"), torch.inference_mode():
+        RewardLabNoiseSearch().search(unet, conds[0], conds[1], vae, _zeros(), _NaNReward(), 1, "euler", "normal",
+                                      CFG, 0, 1, "random", 3)
+
+
+def test_the_largest_seed_the_nodes_accept_works(comfy, unet, vae, conds):
+    with torch.inference_mode():
+        noise, *_ = RewardLabReNOOptimiseNoise().optimise(unet, conds[0], conds[1], vae, _zeros(), _red(), 1, "euler",
+                                                          "normal", CFG, 2**64 - 1, 1, 2, 5.0, 0.01, perturbation=1e-4)
+    assert noise.seed == 2**64 - 1

@@ -25,10 +25,12 @@ def train(unet, vae, **kw):
     args = dict(model=unet, vae=vae, reward=load_reward("brightness"), prompts="a red square on a blue background",
                 sampler="euler", scheduler="normal", steps=3, cfg=3.0, width=64, height=64, batch_size=1,
                 method="DRaFT-K", k=1, lv_n=2, learning_rate=1e-2, rank=2, training_steps=3, save_every=2,
-                name="../draft_test", seed=0, precision="fp32")
+                name="draft_test", seed=0, precision="fp32")
     args.update(kw)
     with torch.inference_mode():                          # as a ComfyUI worker runs nodes
-        return tn.RewardLabDRaFTTrainLoRA().train(**args)
+        out = tn.RewardLabDRaFTTrainLoRA().train(**args)
+    assert out["ui"]["text"] == [f"saved as {out['result'][4]}"]
+    return out["result"]
 
 
 def sample(comfy, model, conds, seed=1):
@@ -43,9 +45,11 @@ def trained(comfy, unet, vae, conds, out_dir):
 
 
 def test_train_node_runs_on_a_comfy_model_and_saves_under_output_loras(trained, out_dir):
-    model, lora, curve, preview = trained
-    path = out_dir / "loras" / "draft_test.safetensors"          # '../' stripped from the name
-    assert path.exists() and (out_dir / "loras" / "draft_test.state.pt").exists()
+    model, lora, curve, preview, name = trained
+    path = out_dir / "loras" / "draft_test.safetensors"
+    assert name == "draft_test.safetensors" and path.exists()
+    assert (out_dir / "rewardlab_state" / "draft_test.state.pt").exists()      # outside the folder loaders list
+    assert not (out_dir / "loras" / "draft_test.state.pt").exists()
     assert lora and all(k.startswith("diffusion_model.") for k in lora)
     assert any(float(v.abs().max()) > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))   # it trained
     assert curve.ndim == 4 and curve.shape[-1] == 3 and preview.shape == (1, 64, 64, 3)
@@ -82,7 +86,7 @@ def test_apply_and_mix_reward_lora_on_comfy_models(comfy, unet, conds, trained):
 
 
 def test_clip_prompt_list_with_draft_lv(comfy, unet, vae, clip, out_dir):
-    model, lora, curve, preview = train(unet, vae, clip=clip, prompts="a red square\na blue circle", batch_size=2,
+    model, lora, curve, preview, _ = train(unet, vae, clip=clip, prompts="a red square\na blue circle", batch_size=2,
                                         method="DRaFT-LV", training_steps=2, save_every=0, name="draft_lv_test")
     assert (out_dir / "loras" / "draft_lv_test.safetensors").exists()
     assert preview.shape[1] > 64                                 # a grid of the 2 × n images
@@ -98,10 +102,47 @@ def test_train_node_on_v_prediction_and_flow_model_sampling(comfy, unet, vae, co
         else:
             patched = adv.ModelSamplingDiscrete().patch(unet, "v_prediction", False)[0]
     assert model_info(patched).flow == (family == "flow")
-    model, lora, curve, preview = train(patched, vae, positive=conds[0], negative=conds[1], training_steps=2,
+    model, lora, curve, preview, _ = train(patched, vae, positive=conds[0], negative=conds[1], training_steps=2,
                                         save_every=0, name=f"draft_{family}", width=64, height=48)
     ups = [v for k, v in lora.items() if k.endswith("lora_up.weight")]
     assert all(torch.isfinite(v).all() for v in ups) and any(float(v.abs().max()) > 0 for v in ups)
     assert preview.shape == (1, 48, 64, 3)                       # non-square: latent shape from width/height
     out = sample(comfy, model, conds)
     assert torch.isfinite(out).all()
+
+
+# --- issue 14: nothing lost, nothing overwritten ---------------------------------------------------------------------
+
+def test_a_second_run_of_the_same_name_gets_a_numbered_name_and_resume_continues_the_first(comfy, unet, vae, conds,
+                                                                                          out_dir, trained):
+    before = (out_dir / "loras" / "draft_test.safetensors").read_bytes()
+    again = train(unet, vae, positive=conds[0], negative=conds[1], training_steps=1, save_every=0)
+    assert again[4] == "draft_test_00001.safetensors" and (out_dir / "loras" / again[4]).exists()
+    assert (out_dir / "loras" / "draft_test.safetensors").read_bytes() == before            # the first run is kept
+    resumed = train(unet, vae, positive=conds[0], negative=conds[1], training_steps=4, save_every=0, resume=True)
+    assert resumed[4] == "draft_test.safetensors"
+    from rewardlab.training import checkpoints as ckpt
+    assert ckpt.load_checkpoint(str(out_dir / "loras" / "draft_test.safetensors"),
+                                str(out_dir / "rewardlab_state" / "draft_test.state.pt"))[1]["step"] == 4
+
+
+def test_every_file_the_stock_lora_list_shows_is_a_lora(comfy, unet, out_dir, trained):
+    """Issue 14: *.state.pt files showed up in LoraLoader's list (choosing one 'succeeded' and changed nothing)."""
+    import folder_paths
+
+    import comfy.utils
+    ours = [n for n in folder_paths.get_filename_list("loras")
+            if folder_paths.get_full_path("loras", n).startswith(str(out_dir))]
+    assert ours and all(n.endswith(".safetensors") for n in ours), ours
+    for n in ours:
+        sd = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", n), safe_load=True)
+        assert sd and all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in sd), n
+
+
+def test_reno_with_a_video_shaped_latent_names_the_fix(comfy, unet, vae, conds):
+    """Issue 14: ReNO with a 5-D latent failed inside conv2d."""
+    from rewardlab.nodes.noise_nodes import RewardLabReNOOptimiseNoise
+    with pytest.raises(ValueError, match=r"the LATENT is 5-D .* this model takes an image latent \(B, C, H, W\)"), \
+            torch.inference_mode():
+        RewardLabReNOOptimiseNoise().optimise(unet, conds[0], conds[1], vae, {"samples": torch.zeros(1, 4, 2, 8, 8)},
+                                              load_reward("brightness"), 1, "euler", "normal", 1.0, 0, 1, 2, 1.0, 0.01)
