@@ -132,7 +132,8 @@ class RewardLabDRaFTTrainLoRA:
     def train(self, model, vae, reward, prompts, sampler, scheduler, width, height, name, positive=None,
               negative=None, clip=None, options=None, overwrite=False, **options_here):
         files = ckpt.run_files(name)                  # every check runs before any work: a bad name fails here
-        advanced = advanced_options(options)
+        here = {k: options_here.pop(k) for k in NODE_OPTIONS if k in options_here}   # given directly (scripts)
+        advanced = advanced_options({**(options or {}), **here})
         guidance, heldout_prompts, vae_tile_size, resume = (advanced.pop(k) for k in NODE_OPTIONS)
         options = {**advanced, **options_here}
         lines = training_prompts(prompts, clip is not None, reward)
