@@ -283,6 +283,8 @@ def isolate(args, argv):
     base = [a for a in argv if a not in ("--isolate",)]
     base = _drop_option(_drop_option(_drop_option(base, "--out"), "--batches"), "--worker")
     env = {**os.environ, **MALLOC_ENV}
+    emit(args.out, what="isolate_run", argv=" ".join(["bench/draft_step.py", *argv]), env=MALLOC_ENV,
+         threads=os.environ.get("OMP_NUM_THREADS"), cpus=os.cpu_count())
     for batch in args.batches:
         rows = {}
         for side in ("ours", "trl"):

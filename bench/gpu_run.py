@@ -5,13 +5,15 @@ name, to OUT/results.jsonl, so a time limit keeps what was measured before it. C
 OUT/log.txt. A phase that would start with too little time left is recorded as skipped; one that runs past its cap
 (or the budget) is stopped and recorded as a timeout.
 
-  --check   (about 2-3 minutes) the install and the CUDA paths: imports and versions, a tiny DRaFT step through
-            every prefix lever on the GPU with its agreement to eager, the TRL anchor, ReNO and the ComfyUI and
-            SDXL/Flux code paths on tiny shapes, and one SD1.5-shaped UNet forward eager vs CUDA graphs
-  (full)    (at most 8 minutes) the SD1.5 DRaFT-1 step at 512², DDIM 50, B=4 and B=1: RewardLab eager, the TRL
-            anchor, RewardLab with compile + CUDA graphs; ReNO (50 iterations, one-step SD2.1-shaped, three
-            CLIP-size rewards); RewardLab with one lever at a time; the ComfyUI path (when a checkout is there);
-            SDXL- and Flux-shaped DRaFT-1 steps at 1024²; ReNO compiled. Then summary rows against the targets.
+  --check   (about 3 minutes: a 170 s budget) the install and the CUDA paths: imports and versions, a tiny DRaFT
+            step through every prefix lever on the GPU with its agreement to eager, the TRL anchor, ReNO and the
+            SDXL/Flux and ComfyUI code paths on tiny shapes, then (if time is left) one SD1.5-shaped UNet forward,
+            eager against CUDA graphs
+  (full)    (at most 8 minutes: a 430 s budget) the SD1.5 DRaFT-1 step at 512², DDIM 50, B=4 and B=1: RewardLab
+            eager, the TRL anchor, RewardLab with compile + CUDA graphs; ReNO (50 iterations, one-step
+            SD2.1-shaped, three CLIP-size rewards); the ComfyUI path (when a checkout is there); SDXL- and
+            Flux-shaped DRaFT-1 steps at 1024²; RewardLab with one lever at a time; RewardLab's LoRA against
+            PEFT's on the UNet (lora_cost.py); ReNO compiled. Then summary rows against the targets.
   --tiny    the same phases on tiny shapes (a dry run; on a machine without CUDA it runs on the CPU)
 
     python bench/gpu_run.py --check --out OUT
@@ -65,16 +67,16 @@ def phases(check, tiny, device):
     # on the CPU, compile with aot_eager (no C++ toolchain wait); CUDA graphs fall back there (with a warning)
     levers = ["--compile-backend", "aot_eager"] if cpu else []
     draft = ["draft_step.py", *t, *dev, "--ks", "1", "--lv-n", "0", *levers]
-    if check:
-        modes = ["eager", "cudagraphs", "compile"] + ([] if cpu else ["compile+cudagraphs"])
+    if check:      # inductor once (compile+cudagraphs covers it), then each other script's CUDA path on tiny shapes
+        modes = ["eager", "cudagraphs", "compile" if cpu else "compile+cudagraphs"]
         out = [Phase("imports", [sys.executable, os.path.abspath(__file__), "--imports"], 60),
                Phase("draft_levers_tiny", bench(*draft, "--tiny", "--batches", "2", "--reps", "1", "--modes", *modes),
-                     150),
-               Phase("unet_forward", [sys.executable, os.path.abspath(__file__), "--unet-forward", *t, *dev], 90),
+                     120),
                Phase("reno_tiny", bench("reno.py", "--tiny", *dev, "--iterations", "3"), 60),
                Phase("family_tiny", bench("family_step.py", "--tiny", *dev), 60)]
         if comfyui_path():
-            out.append(Phase("comfy_tiny", bench("comfy_step.py", "--tiny", *dev, "--batches", "1", "--reps", "1"), 90))
+            out.append(Phase("comfy_tiny", bench("comfy_step.py", "--tiny", *dev, "--batches", "1", "--reps", "1"), 60))
+        out.append(Phase("unet_forward", [sys.executable, os.path.abspath(__file__), "--unet-forward", *t, *dev], 90))
         return out
     reps = ["--reps", "1"] if tiny else ["--reps", "2"]
     both = ["--batches", "4", "1"] if not tiny else ["--batches", "2"]
@@ -83,12 +85,14 @@ def phases(check, tiny, device):
     out = [Phase("draft_ours_eager", bench(*draft, "--worker", "ours", *both, *reps, "--modes", "eager"), 100),
            Phase("draft_trl", bench(*draft, "--worker", "trl", *both, *reps), 100),
            Phase("draft_ours_levers", bench(*draft, "--worker", "ours", *both, *reps, "--modes", *on), 200, 60),
-           Phase("reno_eager", bench("reno.py", *t, *dev, "--compile", "none", "--no-sdxl"), 100, 40),
-           Phase("draft_ours_single_levers", bench(*draft, "--worker", "ours", *both, *reps, "--modes", *single),
-                 200, 60)]
+           Phase("reno_eager", bench("reno.py", *t, *dev, "--compile", "none", "--no-sdxl"), 100, 40)]
     if comfyui_path():
-        out.append(Phase("comfy_step", bench("comfy_step.py", *t, *dev, *both, *reps), 120, 60))
+        out.append(Phase("comfy_step", bench("comfy_step.py", *t, *dev, *both, "--reps", "1"), 120, 60))
     out += [Phase("family_steps", bench("family_step.py", *t, *dev), 200, 60),
+            Phase("draft_ours_single_levers", bench(*draft, "--worker", "ours", *both, *reps, "--modes", *single),
+                  200, 60),
+            Phase("lora_cost", bench("lora_cost.py", *t, *dev, "--latent", "8" if tiny else "64", "--batch", "4"),
+                  60, 30),
             Phase("reno_compiled", bench("reno.py", *t, *dev, "--compile", "aot_eager" if cpu else "reduce-overhead",
                                          "--skip-baseline", "--no-sdxl"), 200, 90)]
     return out
@@ -267,7 +271,7 @@ def summary(rec, tiny=False):
             and "error" not in r and "skipped" not in r and bool(r.get("tiny")) == tiny]
     for batch in sorted({r["B"] for r in rows if "B" in r}, reverse=True):
         ours = {r["mode"]: r for r in rows if r["what"] == "rewardlab_step" and r.get("B") == batch
-                and r.get("K") == 1 and r.get("method") == "draft_k"}
+                and r.get("K") == 1 and r.get("method") == "draft_k" and "fell_back" not in r}
         trl = next((r for r in rows if r["what"] == "trl_anchor_step" and r.get("B") == batch), None)
         comfy = next((r for r in rows if r["what"] == "comfy_step" and r.get("B") == batch), None)
         if not ours:
@@ -306,7 +310,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny shapes in every phase (dry run)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "out", "gpu_run"))
-    ap.add_argument("--budget-s", type=float, default=None, help="default: 170 with --check, 450 without")
+    ap.add_argument("--budget-s", type=float, default=None, help="default: 170 with --check, 430 without")
     ap.add_argument("--only", nargs="+", default=None, help="run only these phases (names as in results.jsonl)")
     ap.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--unet-forward", action="store_true", help=argparse.SUPPRESS)
@@ -318,7 +322,7 @@ def main(argv=None):
     if args.unet_forward:
         return unet_forward(args.tiny, device)
     rec = Recorder(args.out)
-    budget = args.budget_s or (170.0 if args.check else 450.0)
+    budget = args.budget_s or (170.0 if args.check else 430.0)
     deadline = time.monotonic() + budget
     rec.row(**environment_row(), run="check" if args.check else "full", tiny=args.tiny, device=device,
             budget_s=budget)

@@ -4,7 +4,7 @@
 # (a time limit keeps what came before it), children's other output to $OUT/log.txt. See bench/gpu_run.py.
 #
 #   bash bench/gpu_run.sh --check      # about 2-3 min: install, imports, every CUDA path on tiny shapes
-#   bash bench/gpu_run.sh              # at most 8 min (a 450 s budget inside): the measurements, by priority
+#   bash bench/gpu_run.sh              # at most 8 min (a 430 s budget inside): the measurements, by priority
 #   bash bench/gpu_run.sh --tiny       # dry run of the full list on tiny shapes (CPU when there is no GPU)
 #
 # The GPU machine has no network. It has CUDA torch (and transformers, timm, safetensors, huggingface_hub); bring
@@ -17,8 +17,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl torchsde trampoline einops
 #
-# (use the machine's Python version; --check prints it.) A ComfyUI checkout for the ComfyUI phase: copy one
-# without its .git into .comfyui/ComfyUI (git-ignored), e.g.
+# All of them are pure-Python (py3-none-any) wheels, about 10 MB in all. The --check output lists which of
+# ComfyUI's imports the machine lacks (comfy_modules). A ComfyUI checkout for the ComfyUI phase: copy one
+# without its .git into .comfyui/ComfyUI (git-ignored, about 16 MB), e.g.
 #   rsync -a --exclude .git /path/to/ComfyUI/ .comfyui/ComfyUI/
 # or set COMFYUI_PATH. With the device tool: run(command="bash bench/gpu_run.sh --check", carry=[".whl",
 # ".comfyui/ComfyUI"], timeout_s=240), then run(command="bash bench/gpu_run.sh", carry=[...], timeout_s=480),

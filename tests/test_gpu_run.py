@@ -46,17 +46,20 @@ def test_phases_stream_rows_stop_at_their_limit_and_report_failures(gpu_run, tmp
     assert "chatter" in (tmp_path / "log.txt").read_text()
 
 
-def test_full_run_keeps_the_priority_order_and_every_phase_runs_a_bench_script(gpu_run):
+def test_full_run_keeps_the_priority_order_and_every_phase_runs_a_bench_script(gpu_run, monkeypatch):
+    monkeypatch.setattr(gpu_run, "comfyui_path", lambda: "/a/ComfyUI")
     full = gpu_run.phases(check=False, tiny=False, device="cuda")
     names = [p.name for p in full]
     assert names[:4] == ["draft_ours_eager", "draft_trl", "draft_ours_levers", "reno_eager"]
-    assert names[-2:] == ["family_steps", "reno_compiled"]
+    assert names[-5:] == ["comfy_step", "family_steps", "draft_ours_single_levers", "lora_cost", "reno_compiled"]
     levers = full[2].argv
     assert levers[levers.index("--modes") + 1:levers.index("--modes") + 2] == ["compile+cudagraphs"]
     for phase in full + gpu_run.phases(check=True, tiny=True, device="cpu"):
         assert Path(phase.argv[1]).is_file(), phase
     check = gpu_run.phases(check=True, tiny=False, device="cpu")
     assert "compile+cudagraphs" not in check[1].argv            # no inductor wait on a CPU check
+    check = gpu_run.phases(check=True, tiny=False, device="cuda")
+    assert [p.name for p in check][:2] == ["imports", "draft_levers_tiny"] and "compile+cudagraphs" in check[1].argv
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_run.sh")]).returncode == 0
 
 

@@ -4,9 +4,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "draft_step.py"
 
 
+@pytest.mark.filterwarnings("ignore:cuda_graphs is on but the model is on cpu")
 def test_draft_step_bench_tiny_smoke(capsys):
     spec = importlib.util.spec_from_file_location("draft_step_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
