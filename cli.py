@@ -1,6 +1,7 @@
 """The ``rewardlab`` command line. One function per subcommand; each registers its own arguments.
 
-    rewardlab demo [--out DIR]     sample the embedded tiny model, then DRaFT-train a LoRA on it (two stages)
+    rewardlab demo [--out DIR]     sample the embedded tiny model, then DRaFT-train two LoRAs on it (plain and with
+                                   the DRaFT+ penalty) and compare them with the base model on held-out prompts
 """
 import argparse
 import math
@@ -61,16 +62,21 @@ def demo_sample(args):
 
 
 def cmd_demo(args):
+    if args.kl_weight is None:
+        from .training.cli import DEMO_KL_WEIGHT
+        args.kl_weight = DEMO_KL_WEIGHT
     """``rewardlab demo``: the whole loop on the embedded model, no downloads."""
     result = demo_sample(args)
-    if args.train_steps > 0:        # stage 2: DRaFT-train a LoRA on a weight-free reward (training/cli.py)
+    if args.train_steps > 0:        # stage 2: DRaFT vs DRaFT+ on a weight-free reward (training/cli.py)
         from .training.cli import demo_training
-        result["draft"] = demo_training(str(Path(args.out) / "draft"), train_steps=args.train_steps, seed=args.seed)
+        result["draft"] = demo_training(str(Path(args.out) / "draft"), train_steps=args.train_steps, seed=args.seed,
+                                        kl_weight=args.kl_weight)
     return result
 
 
 def add_demo_parser(subparsers):
-    p = subparsers.add_parser("demo", help="sample the embedded tiny model, then DRaFT-train a LoRA on a weight-free reward")
+    p = subparsers.add_parser("demo", help="sample the embedded tiny model, then DRaFT-train LoRAs on a weight-free "
+                              "reward, with and without the DRaFT+ penalty, and compare them on held-out prompts")
     p.add_argument("--out", default="./rewardlab_out/demo", help="output folder (created if missing)")
     p.add_argument("--captions", nargs="+", help="captions to sample (default: a fixed set of six)")
     p.add_argument("--per-caption", type=at_least(1), default=4, help="samples per caption (one grid row each)")
@@ -81,6 +87,8 @@ def add_demo_parser(subparsers):
     p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--scale", type=at_least(1), default=4, help="nearest-neighbour upscaling of the written PNGs")
     p.add_argument("--train-steps", type=at_least(0), default=40, help="DRaFT training steps of stage 2 (0: skip)")
+    p.add_argument("--kl-weight", type=at_least(0.0, float), default=None,
+                   help="DRaFT+ penalty weight of the second LoRA (default: 1.0, NeMo's kl_coeff)")
     p.set_defaults(func=cmd_demo)
 
 

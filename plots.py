@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 64, 16, 28, 40
 
 
@@ -104,6 +105,39 @@ def image_grid(images, columns=None, pad=2):
         r, q = divmod(i, cols)
         grid[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = images[i].float().cpu()
     return grid.clamp(0, 1).movedim(0, -1).unsqueeze(0)
+
+
+def labelled_panels(panels, columns=2, scale=4, gap=12):
+    """Image grids side by side, each under its caption lines: ``panels`` is a list of (lines, images (B, 3, H, W)
+    in [0, 1]). Images are enlarged ``scale`` times (nearest neighbour). Returns one ComfyUI IMAGE."""
+    grids = []
+    for lines, images in panels:
+        if scale > 1:
+            images = images.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        grids.append((lines, image_grid(images, columns)[0]))
+    header = 8 + 12 * max(len(lines) for lines, _ in grids)
+    height = header + max(g.shape[0] for _, g in grids)
+    width = sum(g.shape[1] for _, g in grids) + gap * (len(grids) + 1)
+    canvas = Image.new("RGB", (width, height + gap), "white")
+    d = ImageDraw.Draw(canvas)
+    x = gap
+    for lines, grid in grids:
+        for k, line in enumerate(lines):
+            d.text((x, 4 + 12 * k), line, fill=(0, 0, 0))
+        canvas.paste(Image.fromarray((grid.numpy() * 255).round().astype("uint8")), (x, header))
+        x += grid.shape[1] + gap
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]
+
+
+def stack_images(images, gap=8):
+    """ComfyUI IMAGEs (1, H, W, 3) stacked vertically on white (plots of different sizes)."""
+    width = max(i.shape[2] for i in images)
+    out = torch.ones(1, sum(i.shape[1] for i in images) + gap * (len(images) - 1), width, 3)
+    y = 0
+    for i in images:
+        out[:, y:y + i.shape[1], :i.shape[2]] = i
+        y += i.shape[1] + gap
+    return out
 
 
 def heat_colours(h):

@@ -11,7 +11,7 @@ from .. import runtime
 from ..training.bundle import ModelBundle
 from .bridge import cfg_guider, run_in_guider
 from .grad import checkpoint_blocks, load_for_training, lora_patcher, release
-from .models import calculate_sigmas, check_conditioning, model_info
+from .models import calculate_sigmas, check_conditioning, model_info, skip_coefficient
 from .vae import decode, grad_vae
 
 
@@ -116,6 +116,9 @@ class ComfyBundle(ModelBundle):
 
     def decode(self, x):
         return decode(self.vae, self.patcher.model.process_latent_out(x), patcher=self.vae_patcher, tile=self.vae_tile)
+
+    def skip(self, sigma):
+        return skip_coefficient(self.model.get_model_object("model_sampling"), sigma)
 
     def release(self):
         """Unload the grad-ready clones and strip the LoRA wrappers from the shared modules."""

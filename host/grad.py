@@ -12,6 +12,7 @@ import torch
 
 from .. import runtime
 from ..samplers.runner import recompute_in_backward
+from .services import managed_patchers
 from ..training.lora import ATTENTION_TARGETS, LoRA, layer_name_patterns, lora_targets
 
 
@@ -166,9 +167,11 @@ def grad_enabled():
 
 
 def load_for_training(*patchers):
-    """Load the grad-ready patchers fully before training: evicts everything else (the guider's memory estimate
-    ignores activations kept for backward) and avoids lowvram partial loading."""
-    _comfy("comfy.model_management").load_models_gpu(list(patchers), memory_required=1e20, force_full_load=True)
+    """Load the grad-ready patchers fully before training, with the reward models ComfyUI manages for us (so that
+    scoring never makes ComfyUI evict the model being trained): evicts everything else (the guider's memory
+    estimate ignores activations kept for backward) and avoids lowvram partial loading."""
+    _comfy("comfy.model_management").load_models_gpu(list(patchers) + managed_patchers(), memory_required=1e20,
+                                                      force_full_load=True)
 
 
 def release(*patchers):

@@ -8,6 +8,9 @@ Both run the host-free ``guided_step`` with a ComfyUI branch evaluator, so the n
                       weight is 1 or a gate closed: never a zeros uncond inside a formula (docs/methods.md, "Guidance")
     CFG               comfy.samplers.cfg_function, so sampler_cfg_function and post-CFG patches still apply
     other combiners   core combiner in its declared space, then the post-CFG patches
+    guidance terms    one more calc_cond_batch of the cond with model-option patches: PAG replaces self-attention
+                      ("attn1") in the named UNet blocks by its values, SLG skips the named DiT blocks ("dit"
+                      double_block / single_block), the patches ComfyUI's own PAG and SLG nodes use
     per-run state     a RunState made in outer_sample (guider) or an OUTER_SAMPLE wrapper (MODEL patch)
 
 comfy is imported lazily inside functions: importing this module never imports ComfyUI.
@@ -93,6 +96,52 @@ def _with_cond_ops(model_options, cond_ops, ctx):
     return opts
 
 
+def parse_layers(text, kind):
+    """Layer names of a guidance term from a node's text. PAG: UNet blocks "middle.0", "input.4", "output.1.0"
+    (block, index[, transformer index]); SLG: DiT blocks "double.7", "single.12" (a bare number is a double block)."""
+    layers = []
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(".")
+        if kind == "slg" and len(parts) == 1:
+            parts = ["double", parts[0]]
+        blocks, lengths = ((("input", "middle", "output"), (2, 3)) if kind == "pag" else (("double", "single"), (2,)))
+        if parts[0] not in blocks or len(parts) not in lengths or not all(p.isdigit() for p in parts[1:]):
+            example = "middle.0, input.4, output.1.0" if kind == "pag" else "double.7, double.8, single.12"
+            raise ValueError(f"{kind.upper()} layer {item!r} is not understood; write e.g. '{example}'")
+        layers.append(".".join(parts))
+    if not layers:
+        raise ValueError(f"{kind.upper()} needs at least one layer")
+    return tuple(layers)
+
+
+def _identity_attention(q, k, v, extra_options, mask=None):
+    return v
+
+
+def _skip_block(args, extra_args):
+    return args
+
+
+def term_options(model_options, term, model):
+    """Model options for a guidance term's perturbed conditional call (ComfyUI's patch-replace mechanism)."""
+    mp = _comfy("comfy.model_patcher")
+    opts = dict(model_options)
+    for layer in term.layers:
+        parts = layer.split(".")
+        if term.kind == "pag":
+            opts = mp.set_model_options_patch_replace(opts, _identity_attention, "attn1", parts[0], int(parts[1]),
+                                                      int(parts[2]) if len(parts) > 2 else None)
+        else:
+            if hasattr(model.diffusion_model, "input_blocks"):         # a UNet has no "dit" blocks to skip
+                raise ValueError("Skip-layer guidance skips DiT blocks (SD3, Flux, ...); this is a UNet model: use "
+                                 "Perturbed-Attention Guidance for UNet models (SD1.5, SDXL)")
+            opts = mp.set_model_options_patch_replace(opts, _skip_block, "dit", f"{parts[0]}_block", int(parts[1]))
+    return opts
+
+
 def _post_cfg(opts, D, D_c, D_u, w, model, x, timestep, cond, uncond):
     for fn in opts.get("sampler_post_cfg_function", []):
         D = fn({"denoised": D, "cond": cond, "uncond": uncond, "cond_scale": w, "model": model, "uncond_denoised": D_u,
@@ -132,7 +181,11 @@ def guided_predict(spec, guider, x, timestep, model_options, seed, state):
             return _post_cfg(opts, D, D_c, u, w if need_uncond else 1.0, model, x_in, timestep, cond,
                              uncond if need_uncond else None)
 
-        return guided_step(spec, ctx, x_in, timestep, evaluate, has_uncond=uncond is not None, finish=finish)
+        def perturbed(term):
+            return samplers.calc_cond_batch(model, [cond], x_in, timestep, term_options(opts, term, model))[0]
+
+        return guided_step(spec, ctx, x_in, timestep, evaluate, has_uncond=uncond is not None, finish=finish,
+                           perturbed=perturbed)
 
     reward = spec.reward
     if reward is not None and reward.active(ctx):
@@ -191,7 +244,8 @@ def derive_guider(guider, model=None, **spec_changes):
         spec = GuidanceSpec(scale=float(guider.cfg))
     else:
         raise ValueError("this node needs a GUIDER from CFGGuider or RewardLab Scheduled Guider")
-    fields = dict(scale=spec.scale, combiner=spec.combiner, gates=spec.gates, cond_ops=spec.cond_ops, reward=spec.reward)
+    fields = dict(scale=spec.scale, combiner=spec.combiner, gates=spec.gates, cond_ops=spec.cond_ops, reward=spec.reward,
+                  terms=spec.terms)
     fields.update(spec_changes)
     new = scheduled_guider_class()(model if model is not None else guider.model_patcher, GuidanceSpec(**fields))
     new.original_conds = dict(guider.original_conds)

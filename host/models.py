@@ -30,6 +30,18 @@ def is_flow(model_sampling):
     return model_kind(model_sampling) == "CONST"
 
 
+def skip_coefficient(model_sampling, sigma):
+    """c_skip(σ) of ComfyUI's calculate_denoised: 1 for EPS and CONST (x − σ·out), σd²/(σ² + σd²) for V_PREDICTION
+    and EDM, 0 for X0-type predictions."""
+    kind = model_kind(model_sampling)
+    if kind in ("EPS", "CONST"):
+        return 1.0
+    if kind in ("V_PREDICTION", "EDM"):
+        sd = float(getattr(model_sampling, "sigma_data", 1.0))
+        return sd**2 / (float(sigma) ** 2 + sd**2)
+    return 0.0
+
+
 @dataclass
 class ModelInfo:
     latent_channels: int
@@ -53,15 +65,34 @@ def model_info(model):
                      model_sigmas=sigmas.detach().float().cpu() if sigmas is not None else None)
 
 
+AYS_SCHEDULER = "align_your_steps"
+AYS_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SVD_img2vid": "svd"}     # ComfyUI model config -> published table
+
+
+def ays_family(model):
+    """The Align Your Steps table of a MODEL's family (SD1.5, SDXL, SVD), or a clear error."""
+    config = type(getattr(model.model, "model_config", None)).__name__
+    if config not in AYS_FAMILIES:
+        raise ValueError(f"Align Your Steps publishes schedules for SD1.5, SDXL and SVD; this model is {config}: "
+                         "choose another scheduler")
+    return AYS_FAMILIES[config]
+
+
 def calculate_sigmas(model, scheduler, steps, denoise=1.0):
-    """ComfyUI's own schedule for this model (same as BasicScheduler): a CPU float tensor of steps+1 values."""
+    """ComfyUI's own schedule for this model (same as BasicScheduler), or the core's Align Your Steps table for the
+    model's family ("align_your_steps"): a CPU float tensor of steps+1 values."""
     samplers = _comfy("comfy.samplers")
-    if scheduler not in samplers.SCHEDULER_NAMES:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(samplers.SCHEDULER_NAMES)}")
+    if scheduler not in samplers.SCHEDULER_NAMES and scheduler != AYS_SCHEDULER:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of "
+                         f"{', '.join([*samplers.SCHEDULER_NAMES, AYS_SCHEDULER])}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     total = steps if denoise >= 1.0 else int(steps / denoise)
-    sigmas = samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
+    if scheduler == AYS_SCHEDULER:
+        from ..samplers.sigmas import align_your_steps
+        sigmas = align_your_steps(total, ays_family(model))
+    else:
+        sigmas = samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
     return sigmas[-(steps + 1):]
 
 

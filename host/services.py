@@ -109,6 +109,11 @@ class ComfyRuntime(runtime.Runtime):
         return fp.get_output_directory() if fp is not None else super().output_directory()
 
 
+def managed_patchers():
+    """The ModelPatchers of the reward models handed to ComfyUI's memory manager."""
+    return list(_MANAGED.values())
+
+
 def resolve_device(policy):
     """A device choice of a node ("auto": ComfyUI's device, "gpu": require one, "cpu") as a torch.device."""
     if policy == "cpu":
@@ -186,12 +191,13 @@ def bchw_to_image(x):
 # --- sampling choices and noise ----------------------------------------------------------------------------------
 
 def scheduler_names():
-    """ComfyUI's scheduler names (for node dropdowns), or the core's outside ComfyUI."""
+    """ComfyUI's scheduler names (the core's outside ComfyUI) plus "align_your_steps", for node dropdowns."""
+    from .models import AYS_SCHEDULER
     samplers = optional("comfy.samplers")
     if samplers is not None:
-        return list(samplers.SCHEDULER_NAMES)
+        return [*samplers.SCHEDULER_NAMES, AYS_SCHEDULER]
     from ..samplers.sigmas import SCHEDULER_NAMES
-    return list(SCHEDULER_NAMES)
+    return [*SCHEDULER_NAMES, AYS_SCHEDULER]
 
 
 def prepare_noise(samples, seed):

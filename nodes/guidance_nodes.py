@@ -126,10 +126,16 @@ class RewardLabGuidanceInterval:
             "axis": (ALL_AXES, {"default": "sigma_edm", "tooltip": "sigma_edm = σ in EDM units (the model's σ for SD1.5/"
                                 "SDXL, σ/(1-σ) for flow models); sigma = the raw σ; log_snr; or a progress axis."}),
             "outside": _float(1.0, 0.0, 100.0, 0.1, "cfg outside the interval (1 = no guidance, uncond skipped)."),
-        }, "optional": {"cfg_schedule": _schedule_socket("the weight inside the interval")}}
+        }, "optional": {
+            "cfg_schedule": _schedule_socket("the weight inside the interval"),
+            "decide": (["per call", "per step"], {"default": "per call", "tooltip": "per call: the paper's w(σ) at "
+                       "every model call's σ. per step: once per sampling step from the σ it starts at, as the "
+                       "authors' sampler does (off-grid midpoint calls of 2S/SDE samplers follow their step)."}),
+        }}
 
-    def build(self, cfg, low, high, axis, outside, cfg_schedule=None):
-        return (g.Interval(weight(cfg, cfg_schedule), low, high, axis, outside),)
+    def build(self, cfg, low, high, axis, outside, cfg_schedule=None, decide="per call"):
+        return (g.Interval(weight(cfg, cfg_schedule), low, high, axis, outside,
+                           decide="step" if decide == "per step" else "call"),)
 
 
 class RewardLabGuidanceKeyframes:
@@ -234,19 +240,31 @@ def combiner_inputs():
         "combiner": (COMBINERS, {"default": "cfg", "tooltip": "cfg: D_u + w(D_c - D_u). apg: Adaptive Projected "
                      "Guidance at the paper's scale (w - 1). cfg_zero_star: CFG-Zero* in velocity space. cfg_rescale: "
                      "Lin et al. rescale (φ)."}),
-        "apg_eta": _float(0.0, 0.0, 1.0, 0.01, "APG η: weight of the update parallel to D_c (the paper suggests 0)."),
-        "apg_norm_threshold": _float(0.0, 0.0, 100.0, 0.1, "APG r: cap on ‖Δ‖ per image (0 = no cap)."),
-        "apg_momentum": _float(0.0, -1.0, 1.0, 0.01, "APG β: running-average momentum (negative in the paper)."),
-        "zero_init_steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "CFG-Zero*: first steps with a zero "
-                                    "velocity (no model call); the authors use about 4% of the steps."}),
-        "rescale_phi": _float(0.7, 0.0, 1.0, 0.01, "CFG-rescale φ: mix of the rescaled and the plain CFG result."),
+        "preset": (["custom", "paper"], {"default": "custom", "tooltip": "paper: the combiner's published values "
+                   "(APG η 0, r 15, β −0.5; CFG-Zero* zeroes the first step; rescale φ 0.7) replace the widgets below. "
+                   "custom: the widgets. The defaults already are the papers' values."}),
+        "apg_eta": _float(g.COMBINER_PAPER["apg_eta"], 0.0, 1.0, 0.01, "APG η: weight of the update parallel to D_c (paper: 0)."),
+        "apg_norm_threshold": _float(g.COMBINER_PAPER["apg_norm_threshold"], 0.0, 100.0, 0.1, "APG r: cap on ‖Δ‖ per image "
+                                     "(paper: 15 for SDXL, 2.5 for EDM2; 0 = no cap)."),
+        "apg_momentum": _float(g.COMBINER_PAPER["apg_momentum"], -1.0, 1.0, 0.01, "APG β: running-average momentum (paper: −0.5, "
+                               "a reverse momentum; 0 = off)."),
+        "zero_init_steps": ("INT", {"default": g.COMBINER_PAPER["zero_init_steps"], "min": 0, "max": 100, "tooltip": "CFG-Zero*: "
+                                    "first steps with a zero velocity (no model call). 1 = the paper's first step; "
+                                    "the authors suggest about 4% of the steps; 0 = off."}),
+        "rescale_phi": _float(g.COMBINER_PAPER["rescale_phi"], 0.0, 1.0, 0.01, "CFG-rescale φ: mix of the rescaled and the plain "
+                              "CFG result (paper: 0.7)."),
         "space": (SPACES, {"default": "default", "tooltip": "Prediction space of the combiner (default: apg x0, "
                            "cfg_zero_star velocity, cfg_rescale v_pred). CFG is the same in every space."}),
         "adaptive_guidance": ("BOOLEAN", {"default": False, "tooltip": "Adaptive Guidance (Castillo et al.): once cond "
                               "and uncond agree (cosine ≥ threshold), later steps skip the negative prompt entirely."}),
         "adaptive_threshold": _float(0.99, 0.0, 1.0, 0.0001, "Adaptive Guidance cosine-similarity threshold."),
         "adaptive_space": (SPACES[1:], {"default": "x0", "tooltip": "Space in which Adaptive Guidance compares cond "
-                           "and uncond (x0 is robust across ε / v / flow models)."}),
+                           "and uncond. The paper compares ε; at high noise ε is dominated by the shared x/σ term and "
+                           "latches at once (docs/methods.md §4.8), so x0 is the default."}),
+        "linear_ag": ("BOOLEAN", {"default": False, "tooltip": "LinearAG (Castillo et al.): on every other step of the "
+                      "first half the negative prompt is not evaluated but estimated as an affine function of the "
+                      "current and previous predictions. The first run with a step count calibrates the coefficients "
+                      "(full cost); later runs with that step count save those evaluations."}),
     }
 
 
@@ -348,10 +366,15 @@ class RewardLabRewardGuider:
             "gradient": (["through model", "x0 only"], {"default": "x0 only", "tooltip": "through model: the paper's "
                          "gradient through the denoiser (needs a grad-ready model copy, slow); x0 only: the cheap variant "
                          "differentiating the reward w.r.t. x̂0."}),
-        }, "optional": {"strength_schedule": _schedule_socket("the strength")}}
+        }, "optional": {
+            "strength_schedule": _schedule_socket("the strength"),
+            "recurrence": ("INT", {"default": 1, "min": 1, "max": 20, "tooltip": "Self-recurrence k (the paper's "
+                           "Algorithm 1): at each guided step, step, re-noise back and guide again, k times in all "
+                           "(k× the cost; the paper's examples use 2 to 10). 1 = off."}),
+        }}
 
     def build(self, guider, vae, reward, prompt, strength, start, end, backward_steps, backward_lr, gradient,
-              strength_schedule=None):
+              strength_schedule=None, recurrence=1):
         vae_patcher = grad_vae(vae)
         prompts = prompt.strip() or None
 
@@ -361,9 +384,70 @@ class RewardLabRewardGuider:
         through = gradient == "through model"
         guidance = g.RewardGuidance(score, lambda latent: decode(vae, latent, patcher=vae_patcher),
                                     weight(strength, strength_schedule), start, end, backward_steps, backward_lr,
-                                    through_model=through)
+                                    through_model=through, recurrence=recurrence)
         model = grad_ready(guider.model_patcher) if through else None
         return (comfy_guidance.derive_guider(guider, model=model, reward=guidance),)
+
+
+class RewardLabPAGGuider:
+    DESCRIPTION = ("Perturbed-Attention Guidance (Ahn et al. 2403.17377): one more conditional model call per step with "
+                   "the self-attention of the chosen UNet blocks replaced by the identity, and D += s·(D_cond − "
+                   "D_perturbed). Works with or without CFG; the scale takes a schedule.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("The guider with the PAG term (connect to SamplerCustomAdvanced).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "A CFGGuider or RewardLab Scheduled Guider (left unchanged)."}),
+            "scale": _float(3.0, 0.0, 100.0, 0.01, "s: PAG scale (the authors' SD example uses 5 without CFG; "
+                            "ComfyUI and diffusers use 3 with CFG)."),
+            "layers": ("STRING", {"default": "middle.0", "tooltip": "UNet blocks whose self-attention is perturbed: "
+                                  "block.index[.transformer], e.g. 'middle.0' (the paper's SD choice), 'input.4', "
+                                  "'output.1'; comma-separated."}),
+            "start": _float(0.0, 0.0, 1.0, 0.01, "First step fraction i/n with PAG."),
+            "end": _float(1.0, 0.0, 1.0, 0.01, "Last step fraction i/n with PAG."),
+        }, "optional": {"scale_schedule": _schedule_socket("the PAG scale")}}
+
+    def build(self, guider, scale, layers, start, end, scale_schedule=None):
+        term = g.GuidanceTerm("pag", weight(scale, scale_schedule), comfy_guidance.parse_layers(layers, "pag"), start,
+                              end)
+        return (_with_term(guider, term),)
+
+
+class RewardLabSLGGuider:
+    DESCRIPTION = ("Skip-Layer Guidance (Stability AI, SD3.5): one more conditional model call per step with the "
+                   "chosen DiT blocks skipped, and D += s·(D_cond − D_skipped), inside a window of the steps. For DiT "
+                   "models (SD3, Flux, ...); use Perturbed-Attention Guidance for UNets.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("GUIDER",)
+    RETURN_NAMES = ("guider",)
+    OUTPUT_TOOLTIPS = ("The guider with the SLG term (connect to SamplerCustomAdvanced).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "guider": ("GUIDER", {"tooltip": "A CFGGuider or RewardLab Scheduled Guider (left unchanged)."}),
+            "scale": _float(2.8, 0.0, 100.0, 0.01, "s: SLG scale (Stability's SD3.5 Medium value: 2.8)."),
+            "layers": ("STRING", {"default": "7, 8, 9", "tooltip": "DiT blocks to skip: numbers (double/joint blocks) "
+                                  "or 'single.N' (Flux single blocks), comma-separated. SD3.5 Medium: 7, 8, 9."}),
+            "start": _float(0.01, 0.0, 1.0, 0.001, "SLG runs while start < i/n < end (Stability: 0.01)."),
+            "end": _float(0.2, 0.0, 1.0, 0.001, "SLG runs while start < i/n < end (Stability: 0.2)."),
+        }, "optional": {"scale_schedule": _schedule_socket("the SLG scale")}}
+
+    def build(self, guider, scale, layers, start, end, scale_schedule=None):
+        term = g.GuidanceTerm("slg", weight(scale, scale_schedule), comfy_guidance.parse_layers(layers, "slg"), start,
+                              end)
+        return (_with_term(guider, term),)
+
+
+def _with_term(guider, term):
+    base = guider.spec.terms if isinstance(guider, comfy_guidance.scheduled_guider_class()) else ()
+    return comfy_guidance.derive_guider(guider, terms=tuple(base) + (term,))
 
 
 class RewardLabPlotGuidanceSchedule:
@@ -404,6 +488,8 @@ NODE_CLASS_MAPPINGS = {
     "RewardLabApplyGuidanceSchedule": RewardLabApplyGuidanceSchedule,
     "RewardLabCADSGuider": RewardLabCADSGuider,
     "RewardLabRewardGuider": RewardLabRewardGuider,
+    "RewardLabPAGGuider": RewardLabPAGGuider,
+    "RewardLabSLGGuider": RewardLabSLGGuider,
     "RewardLabPlotGuidanceSchedule": RewardLabPlotGuidanceSchedule,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -418,5 +504,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RewardLabApplyGuidanceSchedule": "Apply Guidance Schedule",
     "RewardLabCADSGuider": "CADS (Condition Annealing)",
     "RewardLabRewardGuider": "Reward Guidance",
+    "RewardLabPAGGuider": "Perturbed-Attention Guidance",
+    "RewardLabSLGGuider": "Skip-Layer Guidance",
     "RewardLabPlotGuidanceSchedule": "Plot Guidance Schedule",
 }

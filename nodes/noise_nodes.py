@@ -10,10 +10,13 @@ from .. import runtime
 from ..host.bridge import STEP_NAMES
 from ..host.noise import OptimisedNoise, run_noise_method
 from ..host.services import best_image_progress, scheduler_names
+from ..noise import DOODL_PAPER, METHODS, OPTIMIZERS, RENO_PAPER, noise_search, optimise_noise
 from .train_nodes import VAE_TILE_INPUT
-from ..noise import METHODS, OPTIMIZERS, noise_search, optimise_noise
 from ..plots import line_plot
 from ..rewards.base import split_prompts
+from ..rewards.losses import reno_weighted
+
+PRESETS = {"ReNO (paper)": RENO_PAPER, "DOODL (paper)": DOODL_PAPER}
 
 CATEGORY = "RewardLab/Noise"
 
@@ -52,8 +55,10 @@ PROMPT_INPUT = ("STRING", {"multiline": True, "default": "",
 
 class RewardLabReNOOptimiseNoise:
     DESCRIPTION = ("ReNO: gradient ascent on the starting noise against a reward (best for 1-4 step models). "
-                   "SGD-Nesterov, grad-norm clip, χ-norm regulariser, the best iterate is kept. With more steps it "
-                   "is DOODL-style optimisation (turn on checkpoint_steps; renormalise keeps the noise norm).")
+                   "SGD-Nesterov, grad-norm clip, χ-norm regulariser, the best iterate is kept. preset 'ReNO (paper)' "
+                   "sets ReNO's published settings and weights the rewards as ReNO does (HPS 5, ImageReward 1, "
+                   "PickScore 0.05, CLIP 0.01); 'DOODL (paper)' runs DOODL's optimiser (heavy-ball SGD, step 1, "
+                   "element clip 1e-3, renormalised noise, last iterate) through every step of a multi-step chain.")
     CATEGORY = CATEGORY
     FUNCTION = "optimise"
     RETURN_TYPES = ("NOISE", "LATENT", "IMAGE", "IMAGE")
@@ -76,9 +81,19 @@ class RewardLabReNOOptimiseNoise:
         })
         return {"required": req, "optional": {
             "prompt": PROMPT_INPUT,
-            "optimizer": (list(OPTIMIZERS), {"default": "sgd", "tooltip": "sgd = SGD-Nesterov (ReNO), adam, lbfgs."}),
-            "grad_clip": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.01,
-                                    "tooltip": "Per-sample gradient-norm clip (ReNO: 0.1; 0 = off)."}),
+            "preset": (["custom", *PRESETS], {"default": "custom", "tooltip": "ReNO (paper) / DOODL (paper): the "
+                       "published settings replace iterations, lr and every option below (sources in "
+                       "docs/methods.md §2); ReNO also weights the rewards (Combine Rewards members) by ReNO's table. "
+                       "custom: the widgets."}),
+            "optimizer": (list(OPTIMIZERS), {"default": "sgd", "tooltip": "sgd = SGD-Nesterov (ReNO), sgd_momentum = "
+                          "heavy-ball SGD (DOODL), adam, lbfgs."}),
+            "grad_clip": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 100.0, "step": 0.0001,
+                                    "tooltip": "Gradient clip (ReNO: per-sample norm 0.1; DOODL: element value 1e-3; "
+                                               "0 = off)."}),
+            "clip": (["norm", "value"], {"default": "norm", "tooltip": "norm: each sample's gradient L2 norm ≤ grad_clip "
+                     "(ReNO). value: every element within ±grad_clip (DOODL)."}),
+            "keep": (["best", "last"], {"default": "best", "tooltip": "Return the best iterate by reward (ReNO) or the "
+                     "last one (DOODL)."}),
             "grad_last": ("INT", {"default": 0, "min": 0, "max": 200,
                                   "tooltip": "Backpropagate through the denoiser of the last N steps only (0 = all). "
                                              "Earlier steps still pass the gradient along the solver's linear path."}),
@@ -97,19 +112,26 @@ class RewardLabReNOOptimiseNoise:
         }}
 
     def optimise(self, model, positive, negative, vae, latent, reward, steps, sampler, scheduler, cfg, seed, batch,
-                 iterations, lr, reg_weight, prompt="", optimizer="sgd", grad_clip=0.1, grad_last=0,
-                 checkpoint_steps=False, checkpoint_reward=False, renormalise=False, vae_tile_size=0, perturbation=0.0):
+                 iterations, lr, reg_weight, prompt="", preset="custom", optimizer="sgd", grad_clip=0.1, clip="norm",
+                 keep="best", grad_last=0, checkpoint_steps=False, checkpoint_reward=False, renormalise=False,
+                 perturbation=0.0, vae_tile_size=0):
+        settings = dict(iterations=iterations, lr=lr, optimizer=optimizer, grad_clip=grad_clip, clip=clip, keep=keep,
+                        reg_weight=reg_weight, grad_last=grad_last or None, checkpoint_steps=checkpoint_steps,
+                        renormalise=renormalise, perturbation=perturbation)
+        settings.update(PRESETS.get(preset, {}))
+        if preset == "ReNO (paper)":
+            with torch.inference_mode(False):
+                reward = reno_weighted(reward).to(reward.device)
+
         def run(chain, noise):
-            return optimise_noise(chain, reward, noise, split_prompts(prompt, noise.shape[0]), iterations=iterations,
-                                  lr=lr, optimizer=optimizer, grad_clip=grad_clip, reg_weight=reg_weight,
-                                  grad_last=grad_last or None, checkpoint_steps=checkpoint_steps,
-                                  checkpoint_reward=checkpoint_reward, renormalise=renormalise,
-                                  perturbation=perturbation, callback=best_image_progress(iterations, "iteration"),
-                                  cancel=runtime.current().interrupted)
+            return optimise_noise(chain, reward, noise, split_prompts(prompt, noise.shape[0]),
+                                  checkpoint_reward=checkpoint_reward,
+                                  callback=best_image_progress(settings["iterations"], "iteration"),
+                                  cancel=runtime.current().interrupted, **settings)
 
         result, outputs = run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler,
                                            seed, batch, run, vae_tile=vae_tile_size,
-                                           checkpoint_model_blocks=checkpoint_steps)
+                                           checkpoint_model_blocks=settings["checkpoint_steps"])
         plot = line_plot({"reward": result.history.mean(1).tolist(), "best": result.best_so_far().mean(1).tolist()},
                          title="ReNO: reward per iteration", xlabel="iteration", ylabel="reward")
         return (*outputs, plot)

@@ -42,9 +42,10 @@ def name_problem(name):
 
 class RewardLabDRaFTTrainLoRA:
     DESCRIPTION = ("DRaFT: train a LoRA by backpropagating a differentiable reward through sampling (Clark et al. "
-                   "2023), or AlignProp / ReFL / DRTune. Literature defaults: DRaFT-K with K=1 (or DRaFT-LV, n=2), "
-                   "lr 4e-4, rank 8, weight decay 0.1, batch 4. Saves output/loras/<name>.safetensors every "
-                   "'save_every' steps (stock LoraLoader lists it); returns the MODEL with the LoRA applied.")
+                   "2023), or AlignProp / ReFL / DRTune. preset 'paper' runs the chosen method's published recipe "
+                   "(its values override the widgets; docs/methods.md lists them with sources); 'custom' uses the "
+                   "widgets. Saves output/loras/<name>.safetensors every 'save_every' steps (stock LoraLoader lists "
+                   "it); returns the MODEL with the LoRA applied.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "IMAGE", "IMAGE", "STRING")
@@ -78,6 +79,7 @@ class RewardLabDRaFTTrainLoRA:
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height."}),
                 "batch_size": opts.pop("batch_size"),
                 "method": opts.pop("method"),
+                "preset": opts.pop("preset"),
                 **{k: opts.pop(k) for k in ("k", "lv_n", "learning_rate", "rank", "training_steps", "save_every")},
                 "name": ("STRING", {"default": "rewardlab_draft", "tooltip": NAME_TOOLTIP}),
                 **opts,                # seed

@@ -166,9 +166,13 @@ class NoiseResult:
 
 
 class BestTracker:
-    """Per-sample best (noise, latent, image, reward) over evaluations; a tie keeps the earlier one."""
+    """Per-sample best (noise, latent, image, reward) over evaluations; a tie keeps the earlier one.
+    keep="last" keeps the latest evaluation instead (DOODL returns its last iterate)."""
 
-    def __init__(self):
+    def __init__(self, keep="best"):
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
+        self.keep = keep
         self.noise = self.latent = self.images = self.reward = None
 
     @staticmethod
@@ -181,7 +185,10 @@ class BestTracker:
             self.noise, self.latent = noise.detach().clone(), latent.detach().clone()
             self.images, self.reward = images.detach().clone(), rewards.clone()
             return torch.ones_like(rewards, dtype=torch.bool)
-        better = (rewards > self.reward) | (self.reward.isnan() & ~rewards.isnan())    # a NaN best is replaced
+        if self.keep == "best":
+            better = (rewards > self.reward) | (self.reward.isnan() & ~rewards.isnan())    # a NaN best is replaced
+        else:
+            better = torch.ones_like(rewards, dtype=torch.bool)
         self.noise = self._pick(better, noise, self.noise)
         self.latent = self._pick(better, latent, self.latent)
         self.images = self._pick(better, images, self.images)

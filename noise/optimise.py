@@ -6,9 +6,14 @@
 
 - ReNO (Eyring et al. 2024): one- or few-step chain, SGD-Nesterov (momentum 0.9), lr 5, grad-norm clip 0.1,
   50 evaluations, χ_d regulariser λ·(½‖ε‖² − (d−1)·log‖ε‖) per sample, the ancestral generator re-seeded identically
-  every iteration, and the BEST iterate by reward (regulariser excluded) is returned, not the last.
-- DOODL-style multi-step: the same loop over a K-step chain with per-step checkpointing, renormalisation of ε to its
-  initial norm after every update, and a small perturbation noise.
+  every iteration, and the BEST iterate by reward (regulariser excluded) is returned, not the last. The reward is
+  ReNO's weighted sum (HPS 5, ImageReward 1, PickScore 0.05, CLIP 0.01: rewards/losses.py reno_weighted).
+- DOODL (Wallace et al. 2023) optimiser over a multi-step chain: heavy-ball SGD (momentum 0.9, no Nesterov) with
+  step 1, every gradient element clipped to ±1e-3, ε renormalised to its initial norm after every update, a 1e-4
+  Gaussian kick, and the LAST iterate returned. The chain is the chosen sampler with per-step checkpointing, not
+  DOODL's invertible EDICT coupling (docs/methods.md §2.3).
+
+``RENO_PAPER`` and ``DOODL_PAPER`` hold the two recipes (the ReNO node's presets).
 
 "Gradient through the last M steps" (``grad_last=M``) uses ``Policy.last(M, prefix="detach")``: the early steps run
 the denoiser without a graph, but the solver's linear skip path x' = a·x + b·D stays differentiable. The noise then
@@ -25,7 +30,16 @@ import torch
 from ..samplers.runner import Policy
 from .chain import BestTracker, evaluate, is_oom, raise_oom, reward_scorer
 
-OPTIMIZERS = ("sgd", "adam", "lbfgs")
+OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "lbfgs")    # sgd = SGD-Nesterov (ReNO), sgd_momentum = heavy ball (DOODL)
+CLIP_MODES = ("norm", "value")
+KEEP = ("best", "last")
+
+# ReNO: ExplainableML/ReNO arguments.py. DOODL: salesforce/DOODL doodl.py, gen() defaults. docs/methods.md §2.1, §2.3.
+RENO_PAPER = dict(iterations=50, lr=5.0, optimizer="sgd", momentum=0.9, grad_clip=0.1, clip="norm", reg_weight=0.01,
+                  keep="best", renormalise=False, perturbation=0.0, grad_last=None)
+DOODL_PAPER = dict(iterations=50, lr=1.0, optimizer="sgd_momentum", momentum=0.9, grad_clip=1e-3, clip="value",
+                   reg_weight=0.0, keep="last", renormalise=True, perturbation=1e-4, grad_last=None,
+                   checkpoint_steps=True)
 
 
 def chi_regulariser(noise):
@@ -48,9 +62,12 @@ def step_policy(grad_last=None, checkpoint_steps=False):
 
 
 def make_optimizer(name, params, lr, momentum=0.9):
-    """ReNO's choices: SGD-Nesterov (default), Adam (eps 1e-2), L-BFGS (history 3, strong-Wolfe line search)."""
+    """ReNO's choices: SGD-Nesterov (default), Adam (eps 1e-2), L-BFGS (history 3, strong-Wolfe line search); and
+    DOODL's heavy-ball SGD (buffer b = μ·b + g, step −lr·b: PyTorch's SGD without Nesterov or dampening)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=False)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, eps=1e-2)
     if name == "lbfgs":
@@ -63,6 +80,16 @@ def clip_per_sample(grad, max_norm):
     norms = grad.flatten(1).norm(dim=1)
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
+
+
+def clip_gradient(grad, limit, mode="norm"):
+    """ReNO: the L2 norm of each sample's gradient ≤ limit. DOODL: every element within ±limit."""
+    if mode == "norm":
+        clip_per_sample(grad, limit)
+    elif mode == "value":
+        grad.clamp_(-limit, limit)
+    else:
+        raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
 
 
 class _Stop(Exception):
@@ -79,14 +106,16 @@ OOM_HINT = ("turn on checkpoint_steps and checkpoint_reward, lower the batch, us
 
 def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, optimizer="sgd", momentum=0.9,
                    grad_clip=0.1, reg_weight=0.01, grad_last=None, checkpoint_steps=False, checkpoint_reward=False,
-                   renormalise=False, perturbation=0.0, callback=None, cancel=None):
-    """ReNO / DOODL-style gradient ascent on the initial noise. Returns the best iterate per sample (NoiseResult).
+                   renormalise=False, perturbation=0.0, callback=None, cancel=None, clip="norm", keep="best"):
+    """ReNO / DOODL gradient ascent on the initial noise. Returns the best (or last) iterate per sample (NoiseResult).
 
     iterations:   evaluations (render + reward); the last one is not followed by an update, as in ReNO.
     reg_weight:   λ of the χ_d regulariser (0 disables it).
     grad_last:    gradient through the last M steps only (None: all steps); see the module doc for semantics.
     renormalise:  after each update rescale every sample's ε to its initial norm (DOODL).
     perturbation: std of Gaussian noise added to ε after each update (DOODL uses 1e-4); seeded from chain.seed.
+    clip:         "norm" (ReNO: per-sample L2 norm ≤ grad_clip) or "value" (DOODL: every element within ±grad_clip).
+    keep:         "best" iterate by reward (ReNO) or the "last" evaluated one (DOODL).
     callback:     called after each evaluation with dict(iteration, total, rewards, best_reward, best_images, norms).
     cancel:       polled before each evaluation; truthy -> stop and return the best so far (cancelled=True).
     """
@@ -94,12 +123,14 @@ def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, op
     chain.check_noise(noise)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {', '.join(CLIP_MODES)}, got {clip!r}")
     leaf = noise.detach().float().clone().requires_grad_(True)
     opt = make_optimizer(optimizer, [leaf], lr, momentum)
     policy = step_policy(grad_last, checkpoint_steps)
     initial_norm = noise_norms(leaf)
     perturb_gen = torch.Generator(device=leaf.device).manual_seed((chain.seed + 1) % 2**64)   # seeds go to 2**64 - 1
-    best, history, norms = BestTracker(), [], []
+    best, history, norms = BestTracker(keep), [], []
 
     def measure(with_grad):
         if cancel is not None and cancel():
@@ -124,7 +155,7 @@ def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, op
             loss = loss + reg_weight * chi_regulariser(leaf).sum()
         loss.backward()
         if grad_clip:
-            clip_per_sample(leaf.grad, grad_clip)
+            clip_gradient(leaf.grad, grad_clip, clip)
         return loss
 
     cancelled = False
@@ -153,16 +184,15 @@ def optimise_noise(chain, reward, noise, prompts=None, iterations=50, lr=5.0, op
 
 
 def reno(chain, reward, noise, prompts=None, **kw):
-    """ReNO with its defaults (SGD-Nesterov lr 5, clip 0.1, 50 iterations, χ_d λ = 0.01)."""
-    return optimise_noise(chain, reward, noise, prompts, **kw)
+    """ReNO with its published settings (RENO_PAPER: SGD-Nesterov lr 5, norm clip 0.1, 50 iterations, χ_d λ 0.01,
+    best iterate); keywords override them. Weight a reward ensemble with rewards.losses.reno_weighted first."""
+    return optimise_noise(chain, reward, noise, prompts, **{**RENO_PAPER, **kw})
 
 
-def doodl(chain, reward, noise, prompts=None, iterations=50, lr=0.1, grad_last=None, perturbation=1e-4,
-          checkpoint_steps=True, reg_weight=0.0, **kw):
-    """DOODL-style multi-step optimisation: checkpointed chain, renormalised noise, small perturbations."""
-    return optimise_noise(chain, reward, noise, prompts, iterations=iterations, lr=lr, grad_last=grad_last,
-                          perturbation=perturbation, checkpoint_steps=checkpoint_steps, reg_weight=reg_weight,
-                          renormalise=True, **kw)
+def doodl(chain, reward, noise, prompts=None, **kw):
+    """DOODL's optimiser (DOODL_PAPER: heavy-ball SGD, step 1, element clip ±1e-3, renormalised noise, 1e-4 kicks,
+    last iterate) over a checkpointed multi-step chain; keywords override the settings."""
+    return optimise_noise(chain, reward, noise, prompts, **{**DOODL_PAPER, **kw})
 
 
 def noise_gradient(chain, reward, noise, prompts=None, reg_weight=0.0, grad_last=None, checkpoint_steps=False,

@@ -61,6 +61,26 @@ class RewardLoss:
         return cls(reward, "offset", RENO_OFFSETS[fam], RENO_WEIGHTS[fam] if weight is None else weight)
 
 
+def reno_weighted(reward):
+    """ReNO's objective Σ_i λ_i·R_i with its default weights per reward family (RENO_WEIGHTS), as a reward: an
+    ensemble (Combine Rewards, normalise "none") gets its weights replaced, a single reward is wrapped. The offsets
+    (1 − HPS, 2 − ImageReward, ...) do not change gradients and are left out."""
+    from .ensemble import RewardEnsemble
+    members = list(reward.members) if isinstance(reward, RewardEnsemble) else [reward]
+    if isinstance(reward, RewardEnsemble) and reward.normalise != "none":
+        raise ValueError("ReNO weights raw scores: set Combine Rewards' normalise to 'none', or use preset custom")
+    weights = []
+    for member in members:
+        name = getattr(member, "name", "")
+        weight = RENO_WEIGHTS.get(family(name))
+        if not weight:
+            known = ", ".join(k for k, v in RENO_WEIGHTS.items() if v)
+            raise ValueError(f"ReNO defines no weight for the reward {name!r} (it weights {known}); remove it or use "
+                             "preset custom with your own weights")
+        weights.append(weight)
+    return RewardEnsemble(members, weights, "none")
+
+
 def total_loss(terms, images, prompts=None):
     """Sum of several RewardLoss terms: (loss Tensor[B], {reward name: reward Tensor[B]})."""
     total, rewards = 0.0, {}

@@ -95,6 +95,20 @@ class ModuleDenoiser(nn.Module):
         return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
 
 
+def skip_coefficient(model, sigma):
+    """c_skip(σ) of a core denoiser, D(x) = c_skip·x + c_out·F(c_in·x): 1 for ε and flow models (D = x − σ·F),
+    1/(σ²+1) for VP v-prediction, 0 for x0-prediction. The part of D that is the input itself."""
+    inner = getattr(model, "model", model)                  # through a CFGDenoiser
+    if getattr(inner, "flow", False):
+        return 1.0
+    prediction = getattr(inner, "prediction_type", getattr(inner, "prediction", "epsilon"))
+    if prediction in ("epsilon", "eps"):
+        return 1.0
+    if prediction in ("v_prediction", "v"):
+        return 1.0 / (float(sigma) ** 2 + 1.0)
+    return 0.0
+
+
 def _sample(out):
     """diffusers models return an output object with ``.sample``; plain modules return a tensor."""
     return getattr(out, "sample", out)

@@ -7,9 +7,10 @@ How the methods map onto it (see docs/methods.md):
   DRaFT        Policy.all()                        grad through every step (checkpoint=True to fit memory)
   DRaFT-K      Policy.last(k)                      steps before the last k run without a graph
   DRaFT-LV     no-grad chain, then sample(sigmas=[σ1, 0]) on n re-noised copies, grad on that one step
-  AlignProp    Policy.last(k) with k drawn once per trajectory; prefix="detach" gives TRL's semantics
+  AlignProp    Policy.last(k) with k drawn once per trajectory (the TRL port detaches instead: same θ-gradient)
   ReFL         sample(sigmas[:m+2]) with Policy.last(1): the returned ``denoised`` is the one-step x̂0 at step m
-  DRTune       Policy.at(steps, stop_grad_input=True): θ-grads at sparse steps, no UNet Jacobian between them
+  DRTune       Policy.at(steps, stop_grad_input=True, input_skip=c_skip): θ-grads at sparse steps, no network
+               Jacobian between them, the parametrisation's skip path c_skip·x kept
   ReNO/DOODL   the noise is the leaf: Policy.all(checkpoint=True) and x_T requires grad
 """
 import contextlib
@@ -44,6 +45,10 @@ class Policy:
     prefix: str = "no_grad"
     checkpoint: bool = False                        # recompute each grad step's denoiser call in backward
     stop_grad_input: Callable[[int, int], bool] = field(default=lambda i, n: False)   # DRTune's sg(x_t)
+    # c_skip(σ) of the parametrisation D = c_skip·x + c_out·F(c_in·x), for stop_grad_input steps and "detach" prefix
+    # steps: the network's input (resp. output) is cut, D keeps the path c_skip·x (ε and flow models: 1), as in the
+    # ε-form DDIM update x' = a·x + b·sg(ε̂) of DRTune and AlignProp. None: D is cut as a whole.
+    input_skip: Callable = None
 
     @classmethod
     def all(cls, **kw):
@@ -120,9 +125,10 @@ def _autocast_states():
 
 
 def _detached(value):
-    """Tensors (also inside tuples, lists and dicts) detached, keeping whether they require grad."""
+    """Tensors (also inside tuples, lists and dicts) cut from their graph, keeping whether they require grad; one
+    that does is a copy with history (not a leaf), since models may update their inputs in place (Flux's blocks)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad)
+        return value.detach().requires_grad_(True).clone() if value.requires_grad else value.detach()
     if isinstance(value, (tuple, list)):
         return type(value)(_detached(v) for v in value)
     if isinstance(value, dict):
@@ -211,14 +217,20 @@ def sample(model, x, sigmas, step="euler", policy=None, extra_args=None, callbac
             raise Cancelled(i)
         on = outer_grad and policy.grad(i, n)
         with torch.set_grad_enabled(on):
-            inp = x.detach() if on and policy.stop_grad_input(i, n) else x
+            stop = on and policy.stop_grad_input(i, n)
+            inp = x.detach() if stop else x
             denoised = _denoise(model, inp, sigmas[i], extra, on and policy.checkpoint)
+            if stop and policy.input_skip is not None:
+                denoised = denoised + policy.input_skip(sigmas[i]) * (x - inp)     # zero value, the skip's gradient
             if on and on_grad_call is not None:
                 on_grad_call(inp, sigmas[i], denoised)
         if not on:
             denoised = denoised.detach()
             if policy.prefix == "no_grad":
                 x = x.detach()
+            elif policy.input_skip is not None:          # detach the network output only: D = sg(D) + c_skip·x
+                with torch.set_grad_enabled(outer_grad):
+                    denoised = denoised + policy.input_skip(sigmas[i]) * (x - x.detach())
         with torch.set_grad_enabled(outer_grad and (on or policy.prefix == "detach")):
             x = step_fn(x, denoised, sigmas, i, state, noise)
         if callback is not None:

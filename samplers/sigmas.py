@@ -100,9 +100,42 @@ def flow(n, shift=1.0, n_train=1000):
     return append_zero(s.float())
 
 
+# Align Your Steps (Sabour, Fidler, Kreis 2024, arXiv 2404.14507): the 10-step σ schedules NVIDIA publishes on the
+# project's "howto" page (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), σ_0 … σ_10 in each
+# family's own σ units (EDM-style σ for SVD). The last value is the model's σ_min; sampling ends at σ = 0.
+AYS_SIGMAS = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+
+def loglinear_interp(values, n):
+    """n values placed evenly between the table's entries, interpolating log σ linearly (AYS's rule for other step
+    counts); the table's entries are kept where the grids meet."""
+    table = torch.tensor(values, dtype=torch.float64).log()
+    src = torch.linspace(0, 1, len(table), dtype=torch.float64)
+    dst = torch.linspace(0, 1, n, dtype=torch.float64)
+    idx = torch.searchsorted(src, dst).clamp(1, len(src) - 1)
+    w = (dst - src[idx - 1]) / (src[idx] - src[idx - 1])
+    return ((1 - w) * table[idx - 1] + w * table[idx]).exp()
+
+
+def align_your_steps(n, family="sd15"):
+    """The AYS schedule of a model family for n steps: the published 10-step σ_0 … σ_10 for n = 10, else those
+    interpolated log-linearly to n + 1 values; the last one (σ_min) becomes 0, the end of sampling."""
+    if family not in AYS_SIGMAS:
+        raise ValueError(f"Align Your Steps publishes schedules for {', '.join(AYS_SIGMAS)}, not {family!r}; "
+                         "use another scheduler for this model")
+    sigmas = loglinear_interp(AYS_SIGMAS[family], n + 1).float()
+    sigmas[-1] = 0.0
+    return sigmas
+
+
 DISCRETE = {"normal": normal, "sgm_uniform": sgm_uniform, "simple": simple, "ddim_uniform": ddim_uniform,
             "leading": leading, "trailing": trailing}
-SCHEDULER_NAMES = ("karras", "exponential", *DISCRETE)
+AYS_NAMES = {f"ays_{family}": family for family in AYS_SIGMAS}
+SCHEDULER_NAMES = ("karras", "exponential", *DISCRETE, *AYS_NAMES)
 
 
 def sigma_schedule(name, n, model_sigmas=None, flow_shift=None):
@@ -110,6 +143,8 @@ def sigma_schedule(name, n, model_sigmas=None, flow_shift=None):
     ``flow_shift`` marks a flow-matching model (σ in [0, 1])."""
     if n < 1:
         raise ValueError(f"steps must be >= 1, got {n}")
+    if name in AYS_NAMES:
+        return align_your_steps(n, AYS_NAMES[name])
     if flow_shift is not None:
         return flow(n, shift=flow_shift)
     if model_sigmas is None:

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from rewardlab.samplers.guidance import (APG, CFG, CFGRescale, CFGZeroStar, RunInfo, apply_combiner, from_space, to_space)
+from rewardlab.samplers.guidance import (APG, CFG, CFGRescale, CFGZeroStar, RunInfo, apply_combiner, from_space,
+                                         make_combiner, to_space)
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _guidance_fixtures import sd_sigmas  # noqa: E402
@@ -85,7 +86,7 @@ def test_apg_neutral_parameters_give_cfg_at_w_not_w_plus_1():
     x, c, u = preds()
     ctx = ctx_of()
     sigma = torch.full((2,), ctx.sigma)
-    got = apply_combiner(APG(eta=1.0), c, u, x, sigma, ctx, 4.0)
+    got = apply_combiner(APG(eta=1.0, norm_threshold=0.0, momentum=0.0), c, u, x, sigma, ctx, 4.0)
     assert torch.allclose(got, u + 4.0 * (c - u), atol=1e-5)         # ComfyUI core's APG would give CFG at 5.0
     assert not torch.allclose(got, u + 5.0 * (c - u), atol=1e-3)
 
@@ -112,6 +113,24 @@ def test_cfg_zero_star_is_in_velocity_space():
 def test_cfg_zero_star_zero_init_steps():
     z = CFGZeroStar(zero_init_steps=2)
     assert z.zero_step(ctx_of("const", step=1)) and not z.zero_step(ctx_of("const", step=2))
+
+
+def test_cfg_zero_star_default_zeroes_the_first_step_as_the_reference():
+    z = CFGZeroStar()                        # reference: `if i <= zero_steps` with zero_steps = 0 zeroes step 0 only
+    assert z.zero_step(ctx_of("const", step=0)) and not z.zero_step(ctx_of("const", step=1))
+    assert not CFGZeroStar(zero_init_steps=0).zero_step(ctx_of("const", step=0))
+
+
+def test_apg_defaults_are_the_papers_values_and_the_preset_restores_them():
+    a = APG()
+    assert (a.eta, a.norm_threshold, a.momentum) == (0.0, 15.0, -0.5)
+    custom = make_combiner("apg", apg_eta=1.0, apg_norm_threshold=0.0, apg_momentum=0.0)
+    assert (custom.eta, custom.norm_threshold, custom.momentum) == (1.0, 0.0, 0.0)
+    paper = make_combiner("apg", apg_eta=1.0, apg_norm_threshold=0.0, apg_momentum=0.0, preset="paper")
+    assert (paper.eta, paper.norm_threshold, paper.momentum) == (0.0, 15.0, -0.5)
+    assert make_combiner("cfg_zero_star", zero_init_steps=0, preset="paper").zero_init_steps == 1
+    with pytest.raises(ValueError, match="preset"):
+        make_combiner("apg", preset="published")
 
 
 def test_cfg_rescale_formula():

@@ -90,3 +90,18 @@ def test_comfy_facing_module_imports_without_comfy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_guidance_term_layers_parse_comfyui_block_names():
+    from rewardlab.host.guidance import parse_layers
+    assert parse_layers("middle.0, input.4 ; output.1.0", "pag") == ("middle.0", "input.4", "output.1.0")
+    assert parse_layers("7, 8, single.12", "slg") == ("double.7", "double.8", "single.12")
+    with pytest.raises(ValueError, match="write e.g. 'middle.0"):
+        parse_layers("mid_block", "pag")
+    with pytest.raises(ValueError, match="at least one layer"):
+        parse_layers(" , ", "slg")
+
+
+def test_linear_ag_option_adds_the_gate():
+    spec = g.spec_from_options(5.0, linear_ag=True)
+    assert [type(gate).__name__ for gate in spec.gates] == ["LinearAG"]

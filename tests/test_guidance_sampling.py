@@ -132,10 +132,39 @@ def test_cads_noises_the_condition_with_rescale():
     assert torch.equal(CADS()({"c": y}, late)["c"], y)                       # clean after τ1
     noised = CADS(psi=1.0)({"c": y}, early)["c"]                           # pure scaled noise, rescaled to y's stats
     assert not torch.allclose(noised, y)
-    assert torch.allclose(noised.mean((1, 2)), y.mean((1, 2)), atol=1e-4)
-    assert torch.allclose(noised.std((1, 2)), y.std((1, 2)), atol=1e-4)
+    assert noised.mean().item() == pytest.approx(y.mean().item(), abs=1e-4)   # the paper: scalars over the tensor
+    assert noised.std().item() == pytest.approx(y.std().item(), abs=1e-4)
+    per_row = CADS(psi=1.0, per_sample=True)({"c": y}, early)["c"]          # the option: per batch item
+    assert torch.allclose(per_row.mean((1, 2)), y.mean((1, 2)), atol=1e-4)
+    assert torch.allclose(per_row.std((1, 2)), y.std((1, 2)), atol=1e-4)
     raw = CADS(psi=0.0, noise_scale=0.25)({"c": y}, early)["c"]            # ψ = 0: ŷ = s·n
     assert raw.std().item() == pytest.approx(0.25, rel=0.05)
+
+
+def test_cads_rescale_is_the_papers_listing_over_the_whole_batch():
+    info = RunInfo(sd_sigmas(10), "eps")
+    ctx = info.ctx(step=1)                                                  # inside the ramp: 0 < γ < 1
+    y = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(4)) * torch.tensor([1.0, 3.0]).view(2, 1, 1)
+    cads = CADS(tau1=0.1, tau2=0.95, noise_scale=0.3, psi=0.6, seed=5)
+    gamma = cads.gamma(ctx)
+    assert 0 < gamma < 1
+    n = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    noised = gamma**0.5 * y + 0.3 * (1 - gamma) ** 0.5 * n                    # Eq. (2) + the listing's rescale:
+    scaled = (noised - noised.mean()) / noised.std() * y.std() + y.mean()     # torch.mean(y), torch.std(y)
+    expected = 0.6 * scaled + 0.4 * noised
+    assert torch.allclose(cads({"c": y}, ctx)["c"], expected, atol=1e-5)
+
+
+def test_interval_per_step_decides_off_grid_calls_by_their_step():
+    info = RunInfo(sd_sigmas(10), "eps")
+    grid = info.sigmas
+    lo = (grid[3] + grid[4]) / 2                                           # boundary between steps 3 and 4
+    call, step = Interval(Constant(5.0), lo, 100.0), Interval(Constant(5.0), lo, 100.0, decide="step")
+    mid = info.ctx(sigma=(grid[3] * grid[4]) ** 0.5 * 0.97)                 # an off-grid call of step 3, below lo
+    assert 3 < mid.step < 4 and mid.sigma_edm < lo
+    assert call(mid) == 1.0 and step(mid) == 5.0                          # per call: outside; per step: step 3's
+    for i in range(10):                                                   # on the grid both rules agree
+        assert call(info.ctx(step=i)) == step(info.ctx(step=i))
 
 
 def test_cads_changes_samples_and_is_reproducible_per_run():
@@ -196,3 +225,23 @@ def test_unbound_guided_denoiser_explains_itself():
     _, guided, _, _ = setup(scale=3.0)
     with pytest.raises(RuntimeError, match="run\\(sigmas\\)"):
         guided(torch.zeros(1, 3, 8, 8), torch.ones(1))
+
+
+def test_adaptive_guidance_space_decides_when_it_latches():
+    """Why x̂0 is the default space (docs/methods.md §4.8): on the tiny model the ε-space cosine of cond and uncond
+    is ≥ 0.99 already at the first step (ε̂ ≈ x/σ for both), so the paper's ε space latches at once; x̂0 latches later."""
+    from rewardlab.samplers import sigma_schedule
+    from rewardlab.tiny.model import load_tiny
+    tiny = load_tiny()
+    sigmas = sigma_schedule("karras", 12, tiny.model_sigmas)
+    latched = {}
+    for space in ("eps", "x0"):
+        gate = AdaptiveGuidance(0.99, space)
+        guided = GuidedDenoiser(tiny.denoiser, tiny.encode(["a red circle on a blue background"]), tiny.encode([""]),
+                                GuidanceSpec(scale=3.0, gates=(gate,)))
+        run = guided.run(sigmas)
+        with torch.no_grad():
+            sample(run, noise_scaling(sigmas[0], tiny.initial_noise(1, seed=0)), sigmas)
+        latched[space] = run.state[("adaptive_guidance", id(gate))]
+    print("adaptive guidance latches at step", latched)
+    assert latched["eps"] == 0 and latched["x0"] >= 3, latched

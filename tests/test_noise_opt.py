@@ -1,12 +1,12 @@
-"""ReNO / DOODL-style noise optimisation on toy denoisers (CPU, fixed seeds)."""
+"""ReNO / DOODL noise optimisation on toy denoisers (CPU, fixed seeds)."""
 import os
 import sys
 
 import pytest
 import torch
 
-from rewardlab.noise.optimise import (chi_regulariser, noise_gradient, noise_norms, optimise_noise, reno,
-                                          doodl)
+from rewardlab.noise.optimise import (DOODL_PAPER, chi_regulariser, doodl, noise_gradient, noise_norms,
+                                      optimise_noise, reno)
 
 sys.path.insert(0, os.path.dirname(__file__))   # pytest runs with --import-mode=importlib
 from _noise_fixtures import (BrightnessReward, Ensemble, TargetReward, TextReward, noise, toy_chain)
@@ -143,6 +143,56 @@ def test_doodl_renormalises_and_perturbs_reproducibly():
     assert a.history[-1, 0] != a.history[0, 0]
 
 
+def test_doodl_defaults_are_doodls_update_and_return_the_last_iterate():
+    """DOODL's gen(): g = clip(∇(−r), ±1e-3) element-wise; b = 0.9·b + g (heavy ball, no Nesterov); z ← z − b;
+    z ← z + 1e-4·n; z ← z·‖z0‖/‖z‖; the result is the last iterate (not the best)."""
+    chain = toy_chain("v", steps=3, step="euler", seed=3)
+    reward, z0 = TargetReward(), noise()
+    res = doodl(chain, reward, z0, iterations=4)
+    assert DOODL_PAPER["optimizer"] == "sgd_momentum" and DOODL_PAPER["keep"] == "last"
+    z, b, norm0 = z0.clone(), None, z0.norm()
+    kicks = torch.Generator().manual_seed(chain.seed + 1)
+    for _ in range(3):                                        # 4 evaluations, 3 updates
+        g = (-noise_gradient(chain, reward, z)).clamp(-1e-3, 1e-3)
+        b = g if b is None else 0.9 * b + g
+        z = z - 1.0 * b
+        z = z + torch.randn(z.shape, generator=kicks) * 1e-4
+        z = z * norm0 / z.norm()
+    torch.testing.assert_close(res.noise, z, rtol=1e-5, atol=1e-6)
+    assert res.reward.item() == pytest.approx(res.history[-1, 0].item())      # the last iterate, not the best
+    assert (res.noise - z0).abs().max() > 1e-4
+
+
+def test_value_clip_bounds_every_element_and_norm_clip_the_sample_norm():
+    from rewardlab.noise.optimise import clip_gradient
+    g = torch.randn(2, 3, 4, 4) * 5
+    v = g.clone()
+    clip_gradient(v, 1e-3, "value")
+    assert v.abs().max() <= 1e-3 and torch.equal(v, g.clamp(-1e-3, 1e-3))
+    n = g.clone()
+    clip_gradient(n, 0.1, "norm")
+    assert torch.allclose(n.flatten(1).norm(dim=1), torch.full((2,), 0.1), atol=1e-5)
+
+
+def test_reno_weights_its_rewards_as_the_paper():
+    from rewardlab.rewards.ensemble import RewardEnsemble
+    from rewardlab.rewards.losses import reno_weighted
+    from rewardlab.rewards.simple import build
+
+    def named(name):
+        return build(name, {"kind": "brightness"})
+    members = [named(n) for n in ("hps-v2.1", "imagereward", "pickscore", "clipscore-vit-h-14")]
+    weighted = reno_weighted(RewardEnsemble(members, [1.0] * 4))
+    assert weighted.weights == [5.0, 1.0, 0.05, 0.01]
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(weighted(images), 6.06 * members[0](images))
+    assert reno_weighted(named("hps-v2")).weights == [5.0]
+    with pytest.raises(ValueError, match="no weight for the reward 'brightness'"):
+        reno_weighted(build("brightness", {"kind": "brightness"}))
+    with pytest.raises(ValueError, match="normalise to 'none'"):
+        reno_weighted(RewardEnsemble(members, None, "range"))
+
+
 def test_cancel_returns_best_so_far():
     chain = toy_chain("eps", steps=1)
     seen = []
@@ -202,3 +252,35 @@ def test_a_nan_first_reward_is_replaced_by_the_first_real_one():
     best.offer(x, x, x, torch.tensor([float("nan"), 1.0]))
     best.offer(x + 1, x + 1, x + 1, torch.tensor([0.5, float("nan")]))
     assert best.reward.tolist() == [0.5, 1.0] and best.noise[:, 0].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("preset", ["ReNO (paper)", "DOODL (paper)"])
+def test_reno_node_presets_run_the_published_settings(monkeypatch, preset):
+    """The node's preset replaces its widgets (a toy chain stands in for the ComfyUI host)."""
+    from rewardlab.nodes import noise_nodes
+    from rewardlab.noise import DOODL_PAPER, RENO_PAPER
+    from rewardlab.rewards.simple import build
+    seen = {}
+
+    def fake_host(model, positive, negative, cfg, vae, latent, steps, sampler, scheduler, seed, batch, method, **kw):
+        chain = toy_chain("eps", steps=2)
+        seen["result"] = method(chain, noise())
+        return seen["result"], (None, None, None)
+    monkeypatch.setattr(noise_nodes, "run_noise_method", fake_host)
+    captured = {}
+    real = noise_nodes.optimise_noise
+
+    def spy(chain, reward, noise_, prompts=None, **kw):
+        captured.update(kw, reward=reward)
+        return real(chain, TargetReward(), noise_, prompts, **{**kw, "iterations": 3})
+    monkeypatch.setattr(noise_nodes, "optimise_noise", spy)
+    reward = build("hps-v2.1", {"kind": "brightness"})
+    noise_nodes.RewardLabReNOOptimiseNoise().optimise(
+        None, None, None, None, None, reward, 2, "euler", "karras", 1.0, 0, 1, iterations=7, lr=0.3, reg_weight=0.5,
+        preset=preset, optimizer="adam", grad_clip=9.0, clip="norm", keep="best", perturbation=0.3)
+    paper = RENO_PAPER if preset == "ReNO (paper)" else DOODL_PAPER
+    for key, value in paper.items():
+        assert captured[key] == value, key
+    if preset == "ReNO (paper)":
+        assert captured["reward"].weights == [5.0]                  # the HPS member gets ReNO's weight
+    assert len(seen["result"].history) == 3

@@ -56,15 +56,21 @@ def test_draft_raises_a_weight_free_reward_on_train_and_heldout_prompts(model, m
     assert lora_off == pytest.approx(before_train, abs=1e-6)     # LoRA scale 0 is the untouched base model
 
 
-def test_demo_training_writes_grids_curve_and_lora(model, tmp_path):
-    from rewardlab.training.cli import demo_training
+def test_demo_compares_draft_and_draft_plus_on_held_out_prompts(model, tmp_path):
+    from PIL import Image
+
+    from rewardlab.training.cli import DEMO_KL_WEIGHT, TINY_HELDOUT, demo_training
     lines = []
-    try:
-        summary = demo_training(str(tmp_path), train_steps=2, model=model, log=lines.append)
-    finally:
-        remove_lora(model.unet, {n: m.parametrizations.weight[0] for n, m in model.unet.named_modules()
-                                 if hasattr(m, "parametrizations")})
-    for key in ("lora", "before", "after", "curve"):
-        assert (tmp_path / summary[key].split("/")[-1]).exists()
-    assert summary["steps"] == 2 and "reward before" in lines[-1]
-    assert "reward_before" in summary and "reward_after" in summary
+    summary = demo_training(str(tmp_path), train_steps=2, model=model, log=lines.append)
+    assert not any(hasattr(m, "parametrizations") for m in model.unet.modules())   # the caller's model is untouched
+    plain, plus = summary["runs"]["DRaFT-1"], summary["runs"]["DRaFT+ (KL to base)"]
+    assert (plain["kl_weight"], plus["kl_weight"]) == (0.0, DEMO_KL_WEIGHT) == (0.0, 1.0)    # NeMo's kl_coeff
+    assert all(r["kl"] is None for r in plain["log"]) and all(r["kl"] is not None for r in plus["log"])
+    for record in (summary["base"], plain, plus):
+        assert 0 <= record["caption_accuracy"] <= 1 and record["heldout_reward"] > 0
+    for path in (plain["lora"], plus["lora"], summary["comparison"], summary["curves"]):
+        assert (tmp_path / path.split("/")[-1]).exists()
+    width, height = Image.open(summary["comparison"]).size
+    assert width > 3 * 3 * 128 and 2 * 128 < height < 3 * 128   # three panels of 3 x 2 held-out images, 4x enlarged
+    assert len(TINY_HELDOUT) == 6 and "captions right" in lines[0]
+    assert (tmp_path / "demo_summary.json").exists()

@@ -134,3 +134,14 @@ def classify(images):
     union = m.sum(1).view(-1, 1, 1) + templates.sum(-1) - inter
     shape = (inter / union).amax(-1).argmax(-1)
     return shape, fg, bg
+
+
+def caption_accuracy(images, captions):
+    """Fraction of images whose classified shape, shape colour and background all match their caption (a check of
+    what the image shows that a colour- or brightness-type reward does not see: reward hacking lowers it)."""
+    shape, fg, bg = classify(images)
+    hits = 0
+    for i, text in enumerate(captions):
+        words = text.split()             # "a {colour} {shape} on a {colour} background"
+        hits += (SHAPES[shape[i]] == words[2] and COLOR_NAMES[fg[i]] == words[1] and COLOR_NAMES[bg[i]] == words[5])
+    return hits / len(captions)

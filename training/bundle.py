@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..samplers import CFGDenoiser, sigma_schedule
+from ..samplers import CFGDenoiser, sigma_schedule, skip_coefficient
 from ..samplers.runner import recompute_in_backward
 from . import lora as lora_mod
 
@@ -45,6 +45,11 @@ class ModelBundle:
 
     def decode(self, x):
         """Latents -> images (B, 3, H, W) in [0, 1], differentiable."""
+        raise NotImplementedError
+
+    def skip(self, sigma):
+        """c_skip(σ) of the model's parametrisation D = c_skip·x + c_out·F(c_in·x) (DRTune's stop-gradient on the
+        network input keeps this path); 1 for ε and flow models."""
         raise NotImplementedError
 
     def add_lora(self, rank, alpha, targets):
@@ -130,6 +135,10 @@ class TorchBundle(ModelBundle):
         n = _batch_of(conds)
         uncond = self.uncond(n) if cfg != 1.0 else None
         return CFGDenoiser(getattr(self, "_fast", None) or self.model, conds, uncond, cfg)
+
+    def skip(self, sigma):
+        """c_skip(σ) of the model's parametrisation (DRTune keeps this path through its stop-gradient)."""
+        return skip_coefficient(self.model, sigma)
 
     def decode(self, x):
         if self.checkpoint_decode and torch.is_grad_enabled():

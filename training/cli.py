@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from ..plots import save_image, save_png, training_curve
+from ..plots import labelled_panels, line_plot, save_image, save_png, stack_images, training_curve
 from ..rewards.base import prompt_lines
 from ..samplers.steps import STEPS
 from . import checkpoints as ckpt
@@ -34,7 +34,9 @@ from .options import add_cli_arguments, cli_values, config_from_options
 TINY_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
                 "a yellow triangle on a black background", "a blue cross on a yellow background",
                 "a white circle on a red background", "a black square on a green background"]
-TINY_HELDOUT = ["a red triangle on a white background", "a green cross on a black background"]
+TINY_HELDOUT = ["a red triangle on a white background", "a green cross on a black background",
+                "a blue square on a red background", "a yellow circle on a green background",
+                "a white triangle on a blue background", "a black cross on a yellow background"]
 
 
 def add_train_command(subparsers):
@@ -218,20 +220,67 @@ def run_train(args):
     return 0
 
 
-def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", log=print, model=None):
-    """The README demo: DRaFT-1 on the embedded tiny model against a weight-free reward, a couple of minutes on
-    two CPU cores. Writes before/after grids, the reward curve PNG and the LoRA; returns the summary.
+DEMO_KL_WEIGHT = 1.0      # NeMo DRaFT+ kl_coeff; on the tiny model it keeps the shapes while the reward rises (README)
+
+
+def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", log=print, model=None,
+                  kl_weight=DEMO_KL_WEIGHT):
+    """The README demo on the embedded tiny model: DRaFT-1 against a weight-free reward, once plain and once with
+    the DRaFT+ penalty to the frozen model (``kl_weight``), from the same seed. Writes demo_comparison.png (base |
+    DRaFT-1 | DRaFT+ on held-out prompts, enlarged, each with its held-out reward and how many images still show
+    their caption; scored on two noises per caption, one shown), demo_curves.png, both LoRAs and demo_summary.json;
+    returns the summary.
     ``model``: a TinyModel to use instead of the shipped one (tests)."""
+    import copy
+
     from ..rewards import load_reward
+    from ..tiny.data import caption_accuracy
     from .bundle import tiny_bundle
 
-    torch.manual_seed(seed)
-    bundle = tiny_bundle(model)
-    config = DraftConfig(method="draft_k", k=1, steps=6, scheduler="simple", cfg=3.0, batch_size=4, lr=2e-3, rank=4,
-                         targets=None, train_steps=train_steps, seed=seed, heldout_every=max(1, train_steps // 4),
-                         save_every=max(1, train_steps // 2))
-    summary = train_and_report(bundle, config, load_reward(reward_name), TINY_PROMPTS, TINY_HELDOUT, out_dir,
-                               "demo_draft_lora", log=log, overwrite=True)     # the demo's own file, rewritten
-    log(f"DRaFT demo ({reward_name}): reward before {summary['reward_before']:.4f} -> after "
-        f"{summary['reward_after']:.4f}; files in {out_dir}")
+    reward = load_reward(reward_name)
+    shown = TINY_HELDOUT * 2                       # every held-out caption twice (two noises)
+    runs = [("DRaFT-1", "demo_draft", 0.0), ("DRaFT+ (KL to base)", "demo_draft_plus", kl_weight)]
+    summary, panels, curves, t0 = {"reward": reward_name, "train_steps": train_steps, "runs": {}}, [], {}, time.perf_counter()
+    for label, name, kl in runs:
+        torch.manual_seed(seed)
+        config = DraftConfig(method="draft_k", k=1, steps=6, scheduler="simple", cfg=3.0, batch_size=4, lr=2e-3,
+                             rank=4, targets=None, train_steps=train_steps, seed=seed, kl_weight=kl,
+                             heldout_every=max(1, train_steps // 4), save_every=0)
+        bundle = tiny_bundle(copy.deepcopy(model) if model is not None else None)
+        trainer = Trainer(bundle, reward, config, prompts=TINY_PROMPTS, heldout=TINY_HELDOUT,
+                          lora_path=ckpt.run_files(name, root=out_dir, lora_folder="").prepare().lora, run_id=name)
+        if not panels:                             # the base model: LoRA strength 0
+            images, rewards = trainer.sample_images(shown, seed=seed + 1, scale=0.0)
+            summary["base"] = {"heldout_reward": float(rewards.mean()),
+                               "caption_accuracy": caption_accuracy(images, shown),
+                               "heldout_during_training": trainer.evaluate(scale=0.0)}   # the curves' step 0
+            panels.append((["base model", f"held-out reward {summary['base']['heldout_reward']:.3f}",
+                            f"captions right {summary['base']['caption_accuracy']:.0%}"], images[:len(TINY_HELDOUT)]))
+        trainer.train()
+        images, rewards = trainer.sample_images(shown, seed=seed + 1)
+        record = {"kl_weight": kl, "heldout_reward": float(rewards.mean()),
+                  "caption_accuracy": caption_accuracy(images, shown), "lora": trainer.lora_path,
+                  "log": [{k: v for k, v in r.items() if k != "seconds"} for r in trainer.log]}
+        summary["runs"][label] = record
+        panels.append(([label, f"held-out reward {record['heldout_reward']:.3f}",
+                        f"captions right {record['caption_accuracy']:.0%}"], images[:len(TINY_HELDOUT)]))
+        curves[f"{label} reward"] = [r["reward"] for r in trainer.log]
+        log(f"{label}: held-out reward {summary['base']['heldout_reward']:.4f} -> {record['heldout_reward']:.4f}, "
+            f"captions right {summary['base']['caption_accuracy']:.0%} -> {record['caption_accuracy']:.0%}")
+    summary["seconds"] = time.perf_counter() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    comparison = os.path.join(out_dir, "demo_comparison.png")
+    save_image(labelled_panels(panels, columns=3, scale=4), comparison)
+    steps = [r["step"] for r in next(iter(summary["runs"].values()))["log"]]
+    scored = [0] + [r["step"] for r in next(iter(summary["runs"].values()))["log"] if "heldout_reward" in r]
+    held = {f"{label} held-out": [summary["base"]["heldout_during_training"]] +
+            [r["heldout_reward"] for r in record["log"] if "heldout_reward" in r]
+            for label, record in summary["runs"].items()}
+    curve_png = os.path.join(out_dir, "demo_curves.png")
+    save_image(stack_images([line_plot(curves, title=f"{reward_name}: training reward", xlabel="step", x=steps),
+                             line_plot(held, title="held-out reward (step 0: the base model)", xlabel="step",
+                                       x=scored)]), curve_png)
+    summary.update(comparison=comparison, curves=curve_png)
+    ckpt.atomic_write(os.path.join(out_dir, "demo_summary.json"), lambda tmp: _write_json(summary, tmp))
+    log(f"wrote {comparison}, {curve_png} and the LoRAs to {out_dir}")
     return summary

@@ -4,15 +4,19 @@ Every method is one or two calls of ``samplers.sample`` with a gradient ``Policy
 
   draft      DRaFT, grad through every step                 Policy.all()
   draft_k    DRaFT-K, grad through the last K steps         Policy.last(K)
-  draft_lv   DRaFT-LV(n): no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad
-  alignprop  AlignProp: K drawn once per trajectory          Policy.last(K, prefix="no_grad" | "detach")
+  draft_lv   DRaFT-LV(n): no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad;
+             the objective is the SUM of the n rewards (the paper's Algorithm 2)
+  alignprop  AlignProp: K ~ Uniform{k_min … k_max} drawn once per trajectory (default: the whole chain)  Policy.last(K)
   refl       ReFL: no-grad to a step m drawn from a range, one grad call, reward on its x̂0
-  drtune     DRTune: grad at K evenly spaced steps with stop-grad on the denoiser input; the linear skip path
-             between steps stays differentiable                  Policy.at(steps, stop_grad_input=True, prefix="detach")
+  drtune     DRTune: grad at K evenly spaced steps (random offset per trajectory) with stop-grad on the denoiser
+             input; the linear skip path between steps stays differentiable
+                                                             Policy.at(steps, stop_grad_input=True, prefix="detach")
 
-The loss is −reward (or ReLU(cap − reward), ReFL's capped form), plus an optional DRaFT+ ε-space L2 penalty to
-the frozen base: at each grad call the same denoiser runs again with LoRA scale 0 under no_grad on the same x
-and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for ε/v models, velocity for flow).
+The loss is loss_scale·(−reward), or loss_scale·ReLU(reward_cap − reward) (ReFL's hinge, loss="hinge"), plus an
+optional DRaFT+ ε-space L2 penalty to the frozen base: at each grad call the same denoiser runs again with LoRA
+scale 0 under no_grad on the same x and σ, and ‖(D − D_base)/σ‖² is added (x̂0 difference over σ = ε difference for
+ε/v models, velocity for flow). ``preset="paper"`` sets every hyperparameter of the chosen method as published
+(training/options.py PRESETS; sources in docs/methods.md).
 
 Randomness is private (no global RNG): every micro-batch draws from its own generator seeded by (seed, global
 micro-batch index), so the RNG state at any point is a function of the step. A resumed run therefore draws exactly
@@ -35,16 +39,22 @@ from . import checkpoints as ckpt
 from .lora import load_lora_state_dict, lora_parameters, lora_state_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("negative", "hinge")
+PRESET_NAMES = ("custom", "paper")
 
 
 @dataclass
 class DraftConfig:
     method: str = "draft_k"
-    k: int = 1                    # DRaFT-K: grad steps; AlignProp: largest K; DRTune: number of sparse grad steps
+    preset: str = "custom"        # "paper": the method's published hyperparameters override the fields below
+    k: int = 1                    # DRaFT-K: grad steps; DRTune: number of sparse grad steps
     k_min: int = 1                # AlignProp: smallest K
+    k_max: int = 0                # AlignProp: largest K (0: the number of sampling steps, the paper's range)
     lv_n: int = 2                 # DRaFT-LV: re-noised copies of the final sample
-    alignprop_prefix: str = "no_grad"   # "detach" = TRL/AlignProp truncation (latent path stays differentiable)
-    refl_range: tuple = None      # ReFL: (first, last) step index m; default: the last quarter of the chain
+    lv_reduction: str = "sum"     # DRaFT-LV: "sum" of the n rewards (paper) or "mean" (1/n of its gradient)
+    refl_first: int = -1          # ReFL: the step m is drawn from [refl_first, refl_last]; -1: the last quarter
+    refl_last: int = -1
+    drtune_offset: str = "random"  # DRTune: "random" start of the evenly spaced steps per trajectory, or "fixed"
     steps: int = 20               # sampling steps per trajectory
     sampler: str = "euler"        # euler == DDIM(η=0) in σ-space
     scheduler: str = "normal"
@@ -65,12 +75,22 @@ class DraftConfig:
     precision: str = "bf16"       # bf16/fp16 autocast is used on CUDA only
     checkpointing: bool = True    # recompute each grad-step denoiser call in backward
     kl_weight: float = 0.0        # DRaFT+ ε-L2 penalty to the frozen base
-    reward_cap: float = None      # loss = ReLU(cap − reward) instead of −reward
+    loss: str = "negative"        # "negative": −reward; "hinge": ReLU(reward_cap − reward) (ReFL)
+    reward_cap: float = 2.0       # the hinge's cap (ReFL: 2, in ImageReward units)
+    loss_scale: float = 1.0       # multiplies the reward loss (ReFL's grad_scale 1e-3; AlignProp's loss_coeff 0.01)
     heldout_every: int = 0        # score the held-out prompts every N steps (0: never)
     early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
     save_every: int = 50          # checkpoint every N steps (0: only at the end); needs a lora_path
     compile_prefix: str = None    # torch.compile backend for no-grad denoiser calls ("inductor"); None: eager
     cuda_graphs: bool = False     # replay the no-grad denoiser calls from CUDA graphs (CUDA only; see TorchBundle)
+
+    def __post_init__(self):
+        if self.preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        if self.preset == "paper":
+            from .options import paper_values        # the table lives with the user-facing options
+            for name, value in paper_values(self.method).items():
+                setattr(self, name, value)
 
     def validate(self):
         def need(ok, msg):
@@ -78,6 +98,8 @@ class DraftConfig:
                 raise ValueError(msg)
         need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        need(self.loss_scale > 0, "loss_scale must be > 0")
         need(self.steps >= 1, "steps (sampling steps) must be >= 1")
         need(1 <= self.k, f"K must be >= 1, got {self.k}")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
@@ -90,9 +112,14 @@ class DraftConfig:
         need(problem is None, problem)
 
     def refl_span(self):
-        if self.refl_range is not None:
-            return int(self.refl_range[0]), int(self.refl_range[1])
-        return self.steps - max(1, self.steps // 4), self.steps - 1
+        """ReFL's range of m: the last quarter of the chain unless set (ReFL: steps 30…39 of 40)."""
+        first = self.refl_first if self.refl_first >= 0 else self.steps - max(1, self.steps // 4)
+        last = self.refl_last if self.refl_last >= 0 else self.steps - 1
+        return first, last
+
+    def alignprop_span(self):
+        """AlignProp's range of K: [k_min, k_max], k_max = 0 meaning every step (K ~ Uniform over the chain)."""
+        return self.k_min, self.k_max if self.k_max > 0 else self.steps
 
 
 @dataclass
@@ -105,6 +132,7 @@ class Plan:
     seed: int                      # for ancestral-step noise inside the runner
     k: int = None                  # AlignProp's K for this trajectory
     m: int = None                  # ReFL's step
+    steps: tuple = None            # DRTune's trained steps for this trajectory
     lv_noise: list = field(default_factory=list)
 
 
@@ -144,7 +172,8 @@ def _trajectory(policy):
 
 
 def _render_lv(trainer, plan, den, hook):
-    """DRaFT-LV: a no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad."""
+    """DRaFT-LV: a no-grad chain to x0, then n re-noisings x0 + σ1·ε_i through the last step with grad.
+    Returns the rewards of every copy, (n, B): the loss sums them (Algorithm 2) or averages them."""
     b, sig = trainer.bundle, trainer.schedule()
     with torch.no_grad():
         x0 = trainer.run(den, trainer.start(plan), sig, Policy.none(), plan).x
@@ -155,7 +184,7 @@ def _render_lv(trainer, plan, den, hook):
         img = b.decode(trainer.run(den, x1, last, Policy.all(checkpoint=trainer.cfg.checkpointing), plan, hook).x)
         images.append(img)
         rewards.append(trainer.reward(img, plan.prompts))
-    return torch.cat(images), torch.stack(rewards).mean(0)
+    return torch.cat(images), torch.stack(rewards)
 
 
 def _render_refl(trainer, plan, den, hook):
@@ -166,12 +195,43 @@ def _render_refl(trainer, plan, den, hook):
     return images, trainer.reward(images, plan.prompts)
 
 
+def _render_drtune(trainer, plan, den, hook):
+    """DRTune: θ-gradients at the plan's steps with the *network* input stop-gradiented; the parametrisation's skip
+    path c_skip·x (and the solver's linear path) carries the reward gradient back to the earlier trained steps."""
+    c = trainer.cfg
+    policy = Policy.at(plan.steps, stop_grad_input=True, prefix="detach", checkpoint=c.checkpointing,
+                       input_skip=trainer.bundle.skip)
+    x = trainer.run(den, trainer.start(plan), trainer.schedule(), policy, plan, hook).x
+    images = trainer.bundle.decode(x)
+    return images, trainer.reward(images, plan.prompts)
+
+
 def _check_alignprop(c):
-    if not 1 <= c.k_min <= min(c.k, c.steps):
-        return f"AlignProp needs 1 <= k_min ({c.k_min}) <= k ({c.k}) <= steps ({c.steps})"
-    if c.alignprop_prefix not in ("no_grad", "detach"):
-        return "alignprop_prefix must be 'no_grad' or 'detach'"
+    lo, hi = c.alignprop_span()
+    if not 1 <= lo <= hi <= c.steps:
+        return (f"AlignProp draws K from [k_min, k_max] = [{lo}, {hi}], which must lie in [1, steps = {c.steps}]; "
+                f"lower k_min/k_max or set k_max to 0 (every step)")
     return None
+
+
+def _check_lv(c):
+    if c.lv_n < 1:
+        return "DRaFT-LV needs n >= 1 re-noised copies"
+    return None if c.lv_reduction in ("sum", "mean") else "lv_reduction must be 'sum' (paper) or 'mean'"
+
+
+def _check_drtune(c):
+    problem = _k_within_steps(c)
+    if problem is None and c.drtune_offset not in ("random", "fixed"):
+        problem = "drtune_offset must be 'random' (paper) or 'fixed'"
+    return problem
+
+
+def _draw_drtune(c, g, shape):
+    """DRTune's K evenly spaced steps, shifted by a random offset per trajectory so every step gets trained."""
+    stride, room = drtune_stride(c.steps, c.k)
+    offset = int(torch.randint(0, room + 1, (), generator=g)) if c.drtune_offset == "random" else room
+    return {"steps": tuple(offset + j * stride for j in range(min(c.k, c.steps)))}
 
 
 def _check_refl(c):
@@ -182,20 +242,18 @@ def _check_refl(c):
 METHODS = {m.name: m for m in (
     Method("draft_k", "DRaFT-K", check=_k_within_steps,
            render=_trajectory(lambda c, p: Policy.last(c.k, checkpoint=c.checkpointing))),
-    Method("draft_lv", "DRaFT-LV",
-           check=lambda c: None if c.lv_n >= 1 else "DRaFT-LV needs n >= 1 re-noised copies",
+    Method("draft_lv", "DRaFT-LV", check=_check_lv,
            draw=lambda c, g, shape: {"lv_noise": [torch.randn(shape, generator=g) for _ in range(c.lv_n)]},
            render=_render_lv),
     Method("draft", "DRaFT (full)", render=_trajectory(lambda c, p: Policy.all(checkpoint=c.checkpointing))),
     Method("alignprop", "AlignProp", check=_check_alignprop,
-           draw=lambda c, g, shape: {"k": int(torch.randint(c.k_min, min(c.k, c.steps) + 1, (), generator=g))},
-           render=_trajectory(lambda c, p: Policy.last(p.k, prefix=c.alignprop_prefix, checkpoint=c.checkpointing))),
+           draw=lambda c, g, shape: {"k": int(torch.randint(c.alignprop_span()[0], c.alignprop_span()[1] + 1, (),
+                                                            generator=g))},
+           render=_trajectory(lambda c, p: Policy.last(p.k, checkpoint=c.checkpointing))),
     Method("refl", "ReFL", check=_check_refl,
            draw=lambda c, g, shape: {"m": int(torch.randint(c.refl_span()[0], c.refl_span()[1] + 1, (), generator=g))},
            render=_render_refl),
-    Method("drtune", "DRTune", check=_k_within_steps,
-           render=_trajectory(lambda c, p: Policy.at(drtune_steps(c.steps, c.k), stop_grad_input=True, prefix="detach",
-                                                     checkpoint=c.checkpointing))),
+    Method("drtune", "DRTune", check=_check_drtune, draw=_draw_drtune, render=_render_drtune),
 )}
 
 
@@ -374,11 +432,20 @@ class Trainer:
         with self._autocast():
             return METHODS[self.cfg.method].render(self, plan, den, self._penalty_hook(den, penalties))
 
+    def reward_loss(self, r):
+        """Per-trajectory loss of rewards ``r`` (B,), or (n, B) for DRaFT-LV's n copies of each trajectory, whose
+        per-copy losses are summed (paper) or averaged (lv_reduction)."""
+        c = self.cfg
+        per = torch.relu(c.reward_cap - r) if c.loss == "hinge" else -r
+        if per.ndim == 2:
+            per = per.sum(0) if c.lv_reduction == "sum" else per.mean(0)
+        return c.loss_scale * per.mean()
+
     def _loss(self, plan, den):
         penalties = []
         images, r = self.images_and_rewards(plan, den, penalties)
         r = r.float()
-        loss = torch.relu(self.cfg.reward_cap - r).mean() if self.cfg.reward_cap is not None else -r.mean()
+        loss = self.reward_loss(r)
         kl = torch.stack(penalties).mean() if penalties else None
         if kl is not None:
             loss = loss + self.cfg.kl_weight * kl
@@ -726,10 +793,22 @@ def training_prompts(text, encoded_by_clip, reward):
     return [""]
 
 
-def drtune_steps(n, k):
-    """K evenly spaced step indices over a chain of n steps, always including the last one."""
+def drtune_stride(n, k):
+    """(stride, room) of DRTune's evenly spaced steps over n sampling steps: K steps ⌊n/K⌋ apart, starting at an
+    offset in [0, room]; the paper draws the offset per iteration (room = stride − 1 when K divides n)."""
     k = max(1, min(k, n))
-    return sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) if k > 1 else n - 1 for i in range(k)})
+    stride = n // k
+    return stride, n - 1 - (k - 1) * stride
+
+
+def drtune_steps(n, k, offset=None):
+    """DRTune's trained step indices: K steps ⌊n/K⌋ apart from ``offset`` (default: the last possible start, so
+    the last step is included)."""
+    stride, room = drtune_stride(n, k)
+    offset = room if offset is None else offset
+    if not 0 <= offset <= room:
+        raise ValueError(f"DRTune offset must lie in [0, {room}] for {min(k, n)} steps out of {n}")
+    return [offset + j * stride for j in range(max(1, min(k, n)))]
 
 
 def _status(fn_name, run_id, **fields):

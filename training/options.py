@@ -4,11 +4,15 @@ Each option names the ``DraftConfig`` field it sets; its default is that field's
 type. ``choices`` maps what the user picks (a label) to the config value. ``ui`` says where it appears: "node"
 (a required node input and a CLI flag), "node-optional" (an optional node input and a CLI flag) or "cli" (the
 command line only).
+
+``PRESETS`` holds each method's published recipe; the ``preset`` option "paper" applies it over every other
+setting (DraftConfig.__post_init__), "custom" leaves the settings to the user. The source of every value is in
+docs/methods.md §1 (one row per value).
 """
 import math
 from dataclasses import MISSING, dataclass, fields
 
-from .draft import METHODS, PRECISIONS, DraftConfig
+from .draft import METHODS, PRECISIONS, PRESET_NAMES, DraftConfig
 from .lora import TARGET_CHOICES
 
 
@@ -62,13 +66,43 @@ class Option:
 
 _FIELDS = {f.name: f for f in fields(DraftConfig)}
 
+# --- the published recipes ("paper" preset). Sources: docs/methods.md §1.1–1.6, one per value. ----------------------
+_DDIM50 = dict(steps=50, sampler="euler", scheduler="ddim_uniform")     # DDIM η = 0, 50 "leading" steps (SD's DDIM)
+_DRAFT = dict(_DDIM50, cfg=7.5, rank=8, lr=4e-4, weight_decay=0.1, batch_size=4, grad_accum=1, train_steps=2000,
+              loss="negative", loss_scale=1.0)
+PRESETS = {
+    "draft": _DRAFT,
+    "draft_k": dict(_DRAFT, k=1),
+    "draft_lv": dict(_DRAFT, lv_n=2, lv_reduction="sum"),
+    # mihirp1998/AlignProp, config/align_prop.py (aesthetic): truncation K ~ U[0, 50], lr 1e-3, weight decay 0.1,
+    # max_grad_norm 5, loss_coeff 0.01, total batch 128, 7 epochs of 2 optimiser steps, LoRA rank 4, CFG 7.5, DDIM 50
+    "alignprop": dict(_DDIM50, cfg=7.5, rank=4, lr=1e-3, weight_decay=0.1, max_grad_norm=5.0, batch_size=4,
+                      grad_accum=32, train_steps=14, k_min=1, k_max=0, loss="negative", loss_scale=0.01),
+    # THUDM/ImageReward, ImageReward/ReFL.py + scripts/train_refl.sh: DDPM 40 steps, m ~ U{30..39}, no CFG,
+    # ReLU(2 − r)·1e-3, AdamW lr 1e-5, weight decay 1e-2, clip 1.0, batch 2 × 4 accumulation × 8 GPUs, 100 steps
+    "refl": dict(steps=40, sampler="euler_ancestral", scheduler="ddim_uniform", cfg=1.0, refl_first=30, refl_last=39,
+                 loss="hinge", reward_cap=2.0, loss_scale=1e-3, lr=1e-5, weight_decay=1e-2, max_grad_norm=1.0,
+                 batch_size=2, grad_accum=32, train_steps=100),
+    "drtune": dict(drtune_offset="random"),
+}
+
+
+def paper_values(method):
+    """The fields the "paper" preset sets for ``method`` (an empty dict for an unknown method: validate names it)."""
+    return dict(PRESETS.get(method, {}))
+
 OPTIONS = (
     Option("method", "DRaFT-K: grad through the last K steps. DRaFT-LV: n re-noised copies of the final sample. "
-           "AlignProp: K drawn per trajectory in [k_min, K]. ReFL: one step mid-chain. DRTune: K sparse steps "
-           "with stop-grad input. DRaFT (full): every step.", choices={m.label: m.name for m in METHODS.values()}),
-    Option("k", "K: grad steps (DRaFT-K, DRTune) or the largest K (AlignProp). 1 is best in the DRaFT paper and "
-           "needs the least memory.", range=(1, 200, 1)),
-    Option("lv_n", "DRaFT-LV: re-noised copies (n).", range=(1, 16, 1)),
+           "AlignProp: K drawn per trajectory in [k_min, k_max] (default: the whole chain). ReFL: one step "
+           "mid-chain. DRTune: K evenly spaced steps with stop-grad input. DRaFT (full): every step.",
+           choices={m.label: m.name for m in METHODS.values()}),
+    Option("preset", "paper: the method's published recipe (steps, sampler, cfg, loss, optimiser, batch, LoRA rank, "
+           "K...) overrides the other settings; the values and their sources are in docs/methods.md. custom: the "
+           "settings as given.", choices={p: p for p in PRESET_NAMES}),
+    Option("k", "K: grad steps (DRaFT-K) or sparse steps (DRTune). 1 is best in the DRaFT paper and needs the "
+           "least memory.", range=(1, 200, 1)),
+    Option("lv_n", "DRaFT-LV: re-noised copies (n); the loss sums their rewards (the paper's Algorithm 2).",
+           range=(1, 16, 1)),
     Option("steps", "Sampling steps per trajectory.", range=(1, 200, 1)),
     Option("cfg", "Classifier-free guidance inside the training trajectories.", range=(0.0, 30.0, 0.1)),
     Option("batch_size", "Trajectories per step; lower it if you run out of memory.", range=(1, 64, 1)),
@@ -81,6 +115,24 @@ OPTIONS = (
            ui="node-optional"),
     Option("early_stop_patience", "Stop after N held-out scores without improvement (0: never).", range=(0, 1000, 1),
            flag="--early-stop", ui="node-optional"),
+    Option("k_min", "AlignProp: smallest K.", range=(1, 200, 1), ui="node-optional"),
+    Option("k_max", "AlignProp: largest K (0: every step, the paper's uniform truncation).", range=(0, 200, 1),
+           ui="node-optional"),
+    Option("refl_first", "ReFL: first step m may be drawn from (-1: the last quarter of the chain).",
+           range=(-1, 200, 1), ui="node-optional"),
+    Option("refl_last", "ReFL: last step m may be drawn from (-1: the last step).", range=(-1, 200, 1),
+           ui="node-optional"),
+    Option("loss", "How the reward becomes a loss: −reward, or ReFL's hinge ReLU(cap − reward), which stops "
+           "pushing once the reward reaches the cap.", choices={"negative reward": "negative",
+                                                               "hinge (ReFL)": "hinge"}, ui="node-optional"),
+    Option("reward_cap", "Hinge cap (ReFL: 2, in ImageReward units; pick it in your reward's units).",
+           range=(-1000.0, 1000.0, 0.01), ui="node-optional"),
+    Option("loss_scale", "Scale of the reward loss (ReFL 1e-3, AlignProp 0.01); with Adam it only matters through "
+           "gradient clipping and the DRaFT+ penalty.", range=(1e-6, 1000.0, 1e-4), ui="node-optional"),
+    Option("drtune_offset", "DRTune: a random start of the evenly spaced steps per trajectory (paper), or the fixed "
+           "set that ends at the last step.", choices={"random": "random", "fixed": "fixed"}, ui="node-optional"),
+    Option("lv_reduction", "DRaFT-LV: sum (paper) or mean of the n copies' rewards.",
+           choices={"sum": "sum", "mean": "mean"}, ui="cli"),
     Option("kl_weight", "DRaFT+ ε-space L2 penalty to the frozen model (anti reward hacking; one extra forward per "
            "grad step).", range=(0.0, 1000.0, 0.01), ui="node-optional"),
     Option("weight_decay", "AdamW weight decay.", range=(0.0, 10.0, 0.01), ui="node-optional"),

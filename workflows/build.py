@@ -386,13 +386,14 @@ def reward_guidance():
         "Reward guidance: each step nudges the sample along the gradient of a reward of its decoded x0 "
         "(between start and end of the schedule).\n\nReward Guidance wraps any GUIDER (here CFGGuider). Put the "
         "reward weights in models/rewards and pick the reward in Load Reward Model; the prompt is shared with "
-        "the text encoder. Memory: the reward gradient goes through the VAE decoder."))
+        "the text encoder. Memory: the reward gradient goes through the VAE decoder. recurrence = 2 is universal "
+        "guidance's self-recurrence: each guided step is taken, re-noised and guided again (2x the cost; 1 = off)."))
     ckpt, pos, neg, latent, text = txt2img(g, "a bowl of ripe peaches on a wooden table, soft window light",
                                            share_prompt=True)
     cfg = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=7.0)
     reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
     guided = g.add("RewardLabRewardGuider", guider=cfg[0], vae=ckpt[2], reward=reward[0], prompt=text, strength=1.0,
-                   start=0.0, end=0.8, backward_steps=0, backward_lr=0.1, gradient="x0 only")
+                   start=0.0, end=0.8, backward_steps=0, backward_lr=0.1, gradient="x0 only", recurrence=2)
     custom_sampling(g, ckpt[0], guided[0], latent[0], ckpt[2], "rewardlab/reward_guidance")
     g.group("Reward guidance", cfg, reward, guided)
     return g
@@ -411,6 +412,76 @@ def cads():
                      axis="p_step")
     custom_sampling(g, ckpt[0], annealed[0], latent[0], ckpt[2], "rewardlab/cads")
     g.group("CADS", cfg, annealed)
+    return g
+
+
+@workflow
+def perturbed_attention_guidance():
+    g = Graph("perturbed_attention_guidance", note=(
+        "Perturbed-Attention Guidance (Ahn et al. 2024) on top of CFG: one more conditional model call per step "
+        "with the middle block's self-attention replaced by the identity, D += s*(D_cond - D_perturbed).\n\n"
+        "The PAG scale follows a schedule here (5 at the first step down to 1 at the last: structure early, "
+        "detail late); disconnect it to use the constant scale widget. Pick your SD1.5 or SDXL checkpoint."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a red vintage car parked in front of a bakery, photo")
+    cfg = g.add("CFGGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=5.0)
+    schedule = g.add("RewardLabGuidanceShape", "PAG scale schedule", shape="linear", start=5.0, end=1.0)
+    pag = g.add("RewardLabPAGGuider", guider=cfg[0], scale=3.0, layers="middle.0", start=0.0, end=1.0,
+                scale_schedule=schedule[0])
+    custom_sampling(g, ckpt[0], pag[0], latent[0], ckpt[2], "rewardlab/pag")
+    g.group("Perturbed-attention guidance", cfg, schedule, pag)
+    return g
+
+
+@workflow
+def skip_layer_guidance():
+    g = Graph("skip_layer_guidance", note=(
+        "Skip-Layer Guidance (Stability AI, SD3.5): one more conditional model call per step with DiT blocks 7, 8 "
+        "and 9 skipped, D += 2.8*(D_cond - D_skipped), for step fractions between 0.01 and 0.2 (Stability's SD3.5 "
+        "Medium values).\n\nFor DiT models only (SD3/SD3.5, Flux); pick an SD3.5 Medium checkpoint that includes "
+        "its text encoders. The Scheduled Guider supplies CFG 4.5; SLG wraps it."))
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name="sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
+    pos = g.add("CLIPTextEncode", "Positive", text="a glass teapot on a windowsill, morning light, photo",
+                clip=ckpt[1])
+    neg = g.add("CLIPTextEncode", "Negative", text="", clip=ckpt[1])
+    latent = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    guider = g.add("RewardLabScheduledGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=4.5)
+    slg = g.add("RewardLabSLGGuider", guider=guider[0], scale=2.8, layers="7, 8, 9", start=0.01, end=0.2)
+    custom_sampling(g, ckpt[0], slg[0], latent[0], ckpt[2], "rewardlab/slg", steps=40)
+    g.group("Skip-layer guidance", guider, slg)
+    return g
+
+
+@workflow
+def linear_ag():
+    g = Graph("linear_ag", note=(
+        "LinearAG (Castillo et al., the affine variant of Adaptive Guidance): on every other step of the first "
+        "half the negative prompt is not evaluated but estimated from the current and previous predictions.\n\n"
+        "The first run with a given step count calibrates the estimate (full cost); queue again (e.g. another seed) "
+        "and those runs skip the evaluations. Pick your checkpoint; compare with linear_ag off."))
+    ckpt, pos, neg, latent, _ = txt2img(g, "a misty pine forest at dawn, landscape photo")
+    guider = g.add("RewardLabScheduledGuider", model=ckpt[0], positive=pos[0], negative=neg[0], cfg=7.0,
+                   linear_ag=True)
+    custom_sampling(g, ckpt[0], guider[0], latent[0], ckpt[2], "rewardlab/linear_ag")
+    g.group("LinearAG", guider)
+    return g
+
+
+@workflow
+def align_your_steps():
+    g = Graph("align_your_steps", note=(
+        "Align Your Steps (Sabour et al. 2024): NVIDIA's optimised 10-step sigma schedules for SD1.5, SDXL and SVD, "
+        "log-linearly interpolated for other step counts. Every RewardLab node with a scheduler widget offers "
+        "them as 'align_your_steps' (the family comes from the model).\n\nHere Noise Search samples 4 candidates "
+        "with the SD1.5 schedule in 10 steps and keeps the one with the best reward. Pick your checkpoint and "
+        "reward."))
+    ckpt, pos, neg, latent, text = txt2img(g, "a hot air balloon over a lavender field, photo", share_prompt=True)
+    reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
+    search = g.add("RewardLabNoiseSearch", model=ckpt[0], positive=pos[0], negative=neg[0], vae=ckpt[2],
+                   latent=latent[0], reward=reward[0], steps=10, sampler="euler", scheduler="align_your_steps",
+                   cfg=7.0, seed=0, batch=1, method="random", budget=40, prompt=text)
+    g.add("SaveImage", images=search[2], filename_prefix="rewardlab/align_your_steps")
+    g.add("PreviewAny", "Best score", source=search[4])
+    g.group("Noise search on the AYS schedule", reward, search)
     return g
 
 

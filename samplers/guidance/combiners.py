@@ -42,13 +42,17 @@ class CFG(Combiner):
         return "CFG()"
 
 
+APG_PAPER = dict(eta=0.0, norm_threshold=15.0, momentum=-0.5)      # the paper's SDXL values (docs/methods.md §4.5)
+
+
 class APG(Combiner):
     """Adaptive Projected Guidance (Sadat, Hilliges, Weber, 2410.02416), at the paper's scale:
         Δ = D_c - D_u;  Δ <- Δ + β·Δ_prev (running average);  Δ <- Δ·min(1, r/‖Δ‖);
         D = D_c + (w - 1)·(Δ⊥ + η·Δ∥),  Δ∥ the projection of Δ on D_c.
-    At η = 1, r = 0 (off), β = 0 this is CFG at w. The momentum lives in the per-run state."""
+    Defaults are the paper's (η 0, r 15, β −0.5: its SDXL row); at η = 1, r = 0 (off), β = 0 this is CFG at w.
+    The momentum lives in the per-run state."""
 
-    def __init__(self, eta=0.0, norm_threshold=0.0, momentum=0.0, space="x0"):
+    def __init__(self, eta=0.0, norm_threshold=15.0, momentum=-0.5, space="x0"):
         self.eta, self.norm_threshold, self.momentum = float(eta), float(norm_threshold), float(momentum)
         self.space = _check_space(space)
 
@@ -75,9 +79,11 @@ class APG(Combiner):
 class CFGZeroStar(Combiner):
     """CFG-Zero* (Fan et al., 2503.18886) in velocity space: s* = <v_c, v_u>/‖v_u‖² per sample,
     v = s*·v_u + w·(v_c - s*·v_u); the first ``zero_init_steps`` steps output v = 0 (D = x) with no model call.
+    The default, 1, zeroes the first step as the paper's listing and the authors' pipelines (``i <= zero_steps``
+    with zero_steps = 0) do; N zeroed steps = their zero_steps = N − 1 (the README suggests ~4 % of the steps).
     Done in D space instead (ComfyUI core's post-CFG node) it is off by (1 - w)(1 - s*)·x."""
 
-    def __init__(self, zero_init_steps=0, space="velocity"):
+    def __init__(self, zero_init_steps=1, space="velocity"):
         self.zero_init_steps = int(zero_init_steps)
         self.space = _check_space(space)
 
@@ -126,10 +132,20 @@ def apply_combiner(combiner, D_c, D_u, x, sigma, ctx, w):
 COMBINER_NAMES = ("cfg", "apg", "cfg_zero_star", "cfg_rescale")
 
 
-def make_combiner(name, apg_eta=0.0, apg_norm_threshold=0.0, apg_momentum=0.0, zero_init_steps=0, rescale_phi=0.7,
-                  space="default"):
+COMBINER_PAPER = {"apg_eta": APG_PAPER["eta"], "apg_norm_threshold": APG_PAPER["norm_threshold"],
+                  "apg_momentum": APG_PAPER["momentum"], "zero_init_steps": 1, "rescale_phi": 0.7}
+
+
+def make_combiner(name, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, zero_init_steps=1, rescale_phi=0.7,
+                  space="default", preset="custom"):
     """A combiner by name, with its options (the names the guidance nodes use); space "default" keeps the
-    combiner's own prediction space."""
+    combiner's own prediction space. preset "paper" replaces the options by the papers' values (COMBINER_PAPER)."""
+    if preset not in ("custom", "paper"):
+        raise ValueError(f"preset must be 'custom' or 'paper', got {preset!r}")
+    if preset == "paper":
+        apg_eta, apg_norm_threshold, apg_momentum, zero_init_steps, rescale_phi = (
+            COMBINER_PAPER[k] for k in ("apg_eta", "apg_norm_threshold", "apg_momentum", "zero_init_steps",
+                                        "rescale_phi"))
     kw = {} if space == "default" else {"space": space}
     if name == "cfg":
         return CFG()
@@ -157,6 +173,10 @@ class Gate:
 
     def observe(self, ctx, D_c, D_u, x, sigma):
         pass
+
+    def estimate_uncond(self, ctx, D_c, x, sigma):
+        """D_u for a call whose uncond branch this gate skipped, or None (the call then returns D_c)."""
+        return None
 
 
 class AdaptiveGuidance(Gate):
@@ -186,3 +206,70 @@ class AdaptiveGuidance(Gate):
 
     def __repr__(self):
         return f"AdaptiveGuidance(threshold={self.threshold}, space={self.space!r}, start={self.start})"
+
+
+def fit_affine(target, regressors):
+    """Least-squares scalars c minimising ‖target − Σ_j c_j·regressors_j‖² over every element (float64)."""
+    A = torch.stack([r.flatten().double() for r in regressors], 1)
+    return torch.linalg.lstsq(A, target.flatten().double().unsqueeze(1)).solution.flatten().tolist()
+
+
+class LinearAG(Gate):
+    """LinearAG (Castillo et al., 2312.12487, the affine variant of Adaptive Guidance): on some steps of the first
+    part of sampling the uncond network evaluation is replaced by an affine function of past estimates,
+        ε_u(t) ≈ a_t·ε_c(t) + b_t·ε_c(t−1) + c_t·ε_u(t−1)          (in ``space``, ε by default)
+    with scalar coefficients per step fitted by least squares. Estimated steps: every ``every``-th step from step
+    ``every`` − 1 while step progress < ``until``. A run whose step count has no coefficients yet calibrates: it
+    evaluates every branch and fits each estimated step's coefficients; later runs with that step count use them
+    (``coefficients`` persists on this object, by step count)."""
+
+    def __init__(self, every=2, until=0.5, space="eps"):
+        if every < 2:
+            raise ValueError(f"LinearAG estimates every n-th step with n ≥ 2 (1 would estimate from estimates), got {every}")
+        self.every, self.until, self.space = int(every), float(until), _check_space(space)
+        self.coefficients = {}
+
+    def estimated(self, ctx):
+        i = ctx.step
+        return (ctx.sigma_next is not None and i >= 1 and int(i) % self.every == self.every - 1
+                and ctx.p_step < self.until)
+
+    def _table(self, ctx):
+        return self.coefficients.get(ctx.n_steps)
+
+    def _history(self, ctx):
+        return ctx.state.setdefault(("linear_ag", id(self)), {})
+
+    def needs_uncond(self, ctx):
+        table = self._table(ctx)
+        i = int(ctx.step)
+        return not (self.estimated(ctx) and table is not None and i in table and i - 1 in self._history(ctx))
+
+    def observe(self, ctx, D_c, D_u, x, sigma):
+        if ctx.sigma_next is None:                       # off-grid calls (2nd-order midpoints) are not recorded
+            return
+        i = int(ctx.step)
+        c = to_space(D_c, x, sigma, ctx.kind, self.space).detach()
+        u = to_space(D_u, x, sigma, ctx.kind, self.space).detach()
+        history = self._history(ctx)
+        history[i] = (c, u)
+        table = self.coefficients.setdefault(ctx.n_steps, {})
+        if self.estimated(ctx) and i - 1 in history and i not in table:       # calibration run: fit this step
+            prev_c, prev_u = history[i - 1]
+            table[i] = fit_affine(u, (c, prev_c, prev_u))
+
+    def estimate_uncond(self, ctx, D_c, x, sigma):
+        table = self._table(ctx)
+        history = self._history(ctx)
+        i = int(ctx.step)
+        if not self.estimated(ctx) or table is None or i not in table or i - 1 not in history:
+            return None
+        a, b, c = table[i]
+        cur = to_space(D_c, x, sigma, ctx.kind, self.space)
+        prev_c, prev_u = history[i - 1]
+        u = a * cur + b * prev_c + c * prev_u
+        history[i] = (cur.detach(), u.detach())
+        return from_space(u.to(D_c.dtype), x, sigma, ctx.kind, self.space)
+
+    def __repr__(self):
+        return f"LinearAG(every={self.every}, until={self.until}, space={self.space!r})"

@@ -8,7 +8,9 @@ One guided call (host-free; the ComfyUI guider runs the same ``guided_step`` wit
     uncond needed?            -> uncond exists, w != 1 and every gate is open (adaptive guidance latch)
     D_c[, D_u] <- evaluate    (one batched call when both run; conditions pass through CADS)
     gates observe D_c, D_u    (adaptive guidance decides whether *later* calls skip uncond)
+    uncond skipped by a gate that estimates it (LinearAG) -> D_u from the estimate
     D    <- combiner in its space, or D_c when uncond was skipped
+    terms                     D += s_k·(D_c − D_k), one perturbed conditional call each (PAG, SLG)
     reward guidance wraps the whole call when active (gradient through it)
 
 ``GuidedDenoiser.run(sigmas)`` gives a fresh per-run denoiser for ``samplers.sample``; state (APG momentum, the
@@ -22,9 +24,10 @@ from torch import nn
 
 from ..denoisers import cond_and_uncond
 from ..runner import sample
-from .combiners import CFG, AdaptiveGuidance, apply_combiner, make_combiner, zero_prediction
+from .combiners import CFG, AdaptiveGuidance, LinearAG, apply_combiner, make_combiner, zero_prediction
 from .context import RunInfo, check_kind, infer_kind, infer_progress
 from .schedules import as_schedule
+from .terms import apply_terms, perturbed_modules
 
 
 @dataclass
@@ -35,11 +38,13 @@ class GuidanceSpec:
     gates: tuple = ()
     cond_ops: tuple = ()                             # e.g. CADS: (tensor kwargs, ctx) -> kwargs
     reward: object = None                            # RewardGuidance or None
+    terms: tuple = ()                                # GuidanceTerm: PAG, SLG
 
     def __post_init__(self):
         self.scale = as_schedule(self.scale)
         self.gates = tuple(self.gates)
         self.cond_ops = tuple(self.cond_ops)
+        self.terms = tuple(self.terms)
 
     def weight(self, ctx):
         return float(self.scale(ctx))
@@ -51,17 +56,28 @@ class GuidanceSpec:
 
 
 def spec_from_options(scale, combiner="cfg", adaptive_guidance=False, adaptive_threshold=0.99, adaptive_space="x0",
-                      **combiner_options):
+                      linear_ag=False, **combiner_options):
     """A GuidanceSpec from the options the guidance nodes show: a weight, a combiner by name with its options
-    (``make_combiner``), and optional Adaptive Guidance."""
+    (``make_combiner``), and optional Adaptive Guidance and LinearAG."""
     gates = (AdaptiveGuidance(adaptive_threshold, adaptive_space),) if adaptive_guidance else ()
+    gates += (LinearAG(),) if linear_ag else ()
     return GuidanceSpec(scale=scale, combiner=make_combiner(combiner, **combiner_options), gates=gates)
 
 
-def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None):
+def _estimated_uncond(gates, ctx, D_c, x, sigma):
+    """D_u from the first gate that estimates a skipped uncond branch (LinearAG), or None."""
+    for gate in gates:
+        estimate = gate.estimate_uncond(ctx, D_c, x, sigma)
+        if estimate is not None:
+            return estimate
+    return None
+
+
+def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None, perturbed=None):
     """One guided prediction. ``evaluate(need_uncond) -> (D_c, D_u or None)`` runs the model branches.
-    ``finish(D_c, D_u, w, need_uncond) -> D`` lets a host replace the final combination (the ComfyUI guider uses
-    it to keep the stock cfg function and post-CFG hooks); by default the combiner's result, or D_c."""
+    ``finish(D_c, D_u, w, have_uncond) -> D`` lets a host replace the final combination (the ComfyUI guider uses
+    it to keep the stock cfg function and post-CFG hooks); by default the combiner's result, or D_c.
+    ``perturbed(term) -> D_k`` runs a guidance term's perturbed conditional branch (needed when spec.terms)."""
     w = spec.weight(ctx)
     if spec.combiner.zero_step(ctx):
         return zero_prediction(spec.combiner, x, sigma, ctx)
@@ -70,9 +86,18 @@ def guided_step(spec, ctx, x, sigma, evaluate, has_uncond=True, finish=None):
     if need_uncond:
         for gate in spec.gates:
             gate.observe(ctx, D_c, D_u, x, sigma)
+    elif has_uncond and not math.isclose(w, 1.0):
+        D_u = _estimated_uncond(spec.gates, ctx, D_c, x, sigma)
+    have_uncond = D_u is not None
     if finish is not None:
-        return finish(D_c, D_u, w, need_uncond)
-    return apply_combiner(spec.combiner, D_c, D_u, x, sigma, ctx, w) if need_uncond else D_c
+        D = finish(D_c, D_u, w, have_uncond)
+    else:
+        D = apply_combiner(spec.combiner, D_c, D_u, x, sigma, ctx, w) if have_uncond else D_c
+    if spec.terms:
+        if perturbed is None:
+            raise ValueError("this host cannot run guidance terms (PAG, SLG): it gave no perturbed-branch evaluator")
+        D = apply_terms(spec.terms, ctx, D, D_c, perturbed)
+    return D
 
 
 class GuidedRun(nn.Module):
@@ -104,11 +129,18 @@ class GuidedRun(nn.Module):
             self.calls += 1
             self.evaluations += 2 if need_uncond else 1
             return cond_and_uncond(p.model, x, sigma, cond, uncond if need_uncond else None, **extra)
-        return evaluate
+
+        def perturbed(term):
+            self.calls += 1
+            self.evaluations += 1
+            with perturbed_modules(p.model, term):
+                return p.model(x, sigma, **cond, **extra)
+        return evaluate, perturbed
 
     def _predict(self, x, sigma, ctx, extra):
-        evaluate = self._evaluate(x, sigma, ctx, extra)
-        return guided_step(self.parent.spec, ctx, x, sigma, evaluate, has_uncond=self.parent.uncond is not None)
+        evaluate, perturbed = self._evaluate(x, sigma, ctx, extra)
+        return guided_step(self.parent.spec, ctx, x, sigma, evaluate, has_uncond=self.parent.uncond is not None,
+                           perturbed=perturbed)
 
     def forward(self, x, sigma, **extra):
         ctx = self.info.ctx(sigma=float(sigma.reshape(-1)[0]))

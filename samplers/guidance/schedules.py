@@ -155,19 +155,30 @@ class VShape(Schedule):
 @dataclass(frozen=True)
 class Interval(Schedule):
     """``inner`` inside the interval, ``outside`` (default 1 = no guidance) elsewhere.
-    σ axes use Kynkäänniemi et al.'s half-open (lo, hi]; progress axes the closed [lo, hi]."""
+    σ axes use Kynkäänniemi et al.'s half-open (lo, hi]; progress axes the closed [lo, hi].
+
+    decide "call" evaluates the paper's w(σ) at every model call's own σ. "step" decides once per sampling step
+    from the σ the step starts at, as the authors' EDM sampler does (both Heun evaluations of a step alike): an
+    off-grid call (DPM++ 2S or dpm_2 midpoints, SDE substeps) takes the decision of its step. A second evaluation
+    placed exactly on the next grid σ (Heun's corrector) cannot be told from that step's first call by σ alone,
+    so it follows the next step under both rules."""
     inner: Schedule
     lo: float
     hi: float
     axis: str = "sigma_edm"
     outside: float = 1.0
+    decide: str = "call"
 
     def __post_init__(self):
         check_axis(self.axis)
         if self.lo > self.hi:
             raise ValueError(f"interval lower bound {self.lo} is above the upper bound {self.hi}")
+        if self.decide not in ("call", "step"):
+            raise ValueError(f"decide must be 'call' (per model call) or 'step' (per sampling step), got {self.decide!r}")
 
     def inside(self, ctx):
+        if self.decide == "step" and ctx.run is not None:
+            ctx = ctx.run.ctx(step=math.floor(ctx.step + 1e-6))        # the step this call belongs to
         v = ctx.axis(self.axis)
         if self.axis in PROGRESS_AXES:
             return self.lo <= v <= self.hi

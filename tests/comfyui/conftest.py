@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .families import init_
+
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 UNET_FILE, CLIP_FILE, VAE_FILE = "tiny_sd15_unet.safetensors", "tiny_clip_l.safetensors", "tiny_sd_vae.safetensors"
@@ -69,19 +71,6 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def _init_(module, std=0.02, seed=0):
-    """Deterministic init: matrices ~ N(0, std), norm weights 1, biases 0 (comfy ops leave params uninitialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-
-
 def build_tiny_unet(path):
     import comfy.ops
     import safetensors.torch
@@ -91,7 +80,7 @@ def build_tiny_unet(path):
                      transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
                      context_dim=768, num_heads=8, use_linear_in_transformer=False, use_spatial_transformer=True,
                      legacy=False, operations=comfy.ops.disable_weight_init)
-    _init_(unet, seed=1)
+    init_(unet, seed=1)
     safetensors.torch.save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
 
 
@@ -114,7 +103,7 @@ def build_tiny_vae(path):
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    _init_(vae, std=0.02, seed=3)
+    init_(vae, std=0.02, seed=3)
     safetensors.torch.save_file({k: v.half().contiguous() for k, v in vae.state_dict().items()}, str(path))
 
 

@@ -207,3 +207,56 @@ def test_reward_guider_through_the_model_runs_with_gradients(comfy, unet, vae, c
     assert guided.model_patcher is not unet
     plain, steered = run_guider(base, sigmas), run_guider(guided, sigmas)
     assert torch.isfinite(steered).all() and (steered - plain).abs().max() > 1e-5
+
+
+def test_pag_guider_equals_stock_perturbed_attention_guidance(comfy, unet, conds):
+    """Our PAG term on the middle block is ComfyUI's own PerturbedAttentionGuidance (same patch, same formula)."""
+    from comfy_extras import nodes_pag
+    sigmas = sigmas_of(unet)
+    with torch.inference_mode():
+        stock_model = nodes_pag.PerturbedAttentionGuidance.execute(unet, 3.0).result[0]
+        ours = gn.RewardLabPAGGuider().build(stock_guider(unet, conds, CFG), 3.0, "middle.0", 0.0, 1.0)[0]
+    ref = run_guider(stock_guider(stock_model, conds, CFG), sigmas)
+    got = run_guider(ours, sigmas)
+    plain = run_guider(stock_guider(unet, conds, CFG), sigmas)
+    assert (ref - plain).abs().max() > 1e-4                  # PAG does something on this model
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pag_adds_one_conditional_call_per_step_and_slg_refuses_a_unet(comfy, unet, conds):
+    counted, counts = counting(unet)
+    sigmas = sigmas_of(unet)
+    with torch.inference_mode():
+        pag = gn.RewardLabPAGGuider().build(scheduled(counted, conds), 2.0, "middle.0", 0.0, 1.0)[0]
+        slg = gn.RewardLabSLGGuider().build(scheduled(unet, conds), 2.8, "7, 8, 9", 0.0, 1.0)[0]
+    run_guider(pag, sigmas)
+    assert counts == {0: 2 * STEPS, 1: STEPS}
+    with pytest.raises(ValueError, match="UNet model"):
+        run_guider(slg, sigmas)
+
+
+def test_align_your_steps_scheduler_for_comfyui_models(comfy, unet):
+    from rewardlab.host.models import calculate_sigmas
+    from rewardlab.host.services import scheduler_names
+    from rewardlab.samplers.sigmas import align_your_steps
+    assert "align_your_steps" in scheduler_names()
+    torch.testing.assert_close(calculate_sigmas(unet, "align_your_steps", 10), align_your_steps(10, "sd15"))
+
+
+def test_linear_ag_and_reward_recurrence_run_in_comfyui(comfy, unet, vae, conds):
+    counted, counts = counting(unet)
+    sigmas = sigmas_of(unet, 8)
+    guider = scheduled(counted, conds, linear_ag=True)
+    first = run_guider(guider, sigmas)                        # calibration run: every branch
+    assert counts[1] == 8
+    second = run_guider(guider, sigmas)
+    assert counts[1] == 8 + 6                                 # steps 1 and 3 estimated
+    assert (first - second).abs().max() < 0.2 * first.abs().max()
+    reward = SimpleReward("brightness", brightness)
+    base = scheduled(unet, conds)
+    with torch.inference_mode():
+        once = gn.RewardLabRewardGuider().build(base, vae, reward, "", 200.0, 0.0, 1.0, 0, 0.1, "x0 only")[0]
+        twice = gn.RewardLabRewardGuider().build(base, vae, reward, "", 200.0, 0.0, 1.0, 0, 0.1, "x0 only",
+                                                 recurrence=2)[0]
+    a, b = run_guider(once, sigmas_of(unet, 3)), run_guider(twice, sigmas_of(unet, 3))
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-5
