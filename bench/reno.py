@@ -195,7 +195,7 @@ def compile_towers(reward, mode):
             r.clip.vision_model = maybe_compile(r.clip.vision_model, mode)
 
 
-def run_sd21(args, device, dtype):
+def run_sd21(args, device, dtype, report):
     from rewardlab.samplers import sigma_schedule
     from rewardlab.noise import Chain, optimise_noise
 
@@ -213,6 +213,7 @@ def run_sd21(args, device, dtype):
                                                                 sigmas[0], extra, args.iterations), device)
         rows.append(dict(row="eager_baseline", s_per_image=secs / args.batch, peak_gib=peak,
                          first_reward=float(base_rewards[0].mean()), best_reward=float(base_rewards.max(0).values.mean())))
+        report(rows[-1])
     # RewardLab: the library loop, optionally with compiled UNet / decoder / reward towers.
     unet_c = maybe_compile(unet, args.compile)
     vae.decoder = maybe_compile(vae.decoder, args.compile)
@@ -232,10 +233,11 @@ def run_sd21(args, device, dtype):
         row["speedup_vs_eager"] = rows[0]["s_per_image"] / row["s_per_image"]
         row["first_reward_abs_diff_vs_eager"] = abs(row["first_reward"] - rows[0]["first_reward"])
     rows.append(row)
+    report(row)
     return rows
 
 
-def run_sdxl(args, device, dtype):
+def run_sdxl(args, device, dtype, report):
     from rewardlab.samplers import sigma_schedule
     from rewardlab.noise import Chain, optimise_noise
 
@@ -252,8 +254,10 @@ def run_sdxl(args, device, dtype):
                   extra_args=conditioning(unet_cfg, args.batch, device, dtype, args.tiny), channels=4)
     res, secs, peak = timed(lambda: optimise_noise(chain, reward, noise, PROMPT, iterations=args.iterations,
                                                    checkpoint_steps=True, checkpoint_reward=True), device)
-    return [dict(row="sdxl_4step", compile=args.compile, s_per_image=secs / args.batch, peak_gib=peak,
-                 first_reward=float(res.history[0].mean()), best_reward=float(res.reward.mean()))]
+    row = dict(row="sdxl_4step", compile=args.compile, s_per_image=secs / args.batch, peak_gib=peak,
+               first_reward=float(res.history[0].mean()), best_reward=float(res.reward.mean()))
+    report(row)
+    return [row]
 
 
 def main(argv=None):
@@ -267,19 +271,27 @@ def main(argv=None):
     p.add_argument("--checkpoint-steps", action="store_true", help="recompute the UNet call in backward")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--no-sdxl", action="store_true", help="skip the 4-step SDXL-shaped chain")
+    p.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")
+    p.add_argument("--out", default=None, help="also append every JSON line to this file")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     args.iterations = args.iterations or (3 if args.tiny else 50)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
+    meta = dict(what="reno", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", dtype=str(dtype),
                 iterations=args.iterations, batch=args.batch, tiny=args.tiny,
                 peak_measure="cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS")
-    rows = run_sd21(args, device, dtype)
+
+    def report(row):                      # each row as soon as it is measured (a time limit keeps the earlier ones)
+        line = json.dumps({**meta, **row})
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    rows = run_sd21(args, device, dtype, report)
     if not args.no_sdxl:
-        rows += run_sdxl(args, device, dtype)
-    for row in rows:
-        print(json.dumps({**meta, **row}))
+        rows += run_sdxl(args, device, dtype, report)
     return rows
 
 

@@ -6,6 +6,8 @@ core runner (``samplers.sample``). The trainer never touches a
 UNet, a VAE or a text encoder directly, so the same loop runs on the embedded tiny model, a diffusers pipeline
 folder (training/pipelines.py) and a ComfyUI MODEL (whose bundle lives next to the ComfyUI nodes and drives the bridge).
 """
+import warnings
+
 import torch
 
 from ..samplers import CFGDenoiser, sigma_schedule, skip_coefficient
@@ -103,10 +105,31 @@ class TorchBundle(ModelBundle):
                     self._uncond[n] = self._encode_uncond(n)
         return self._uncond[n]
 
-    def compile_prefix(self, backend="inductor"):
-        """Use a torch.compile'd copy of the denoiser network for calls without grad (the no-grad prefix and
-        evaluation); calls that record gradients stay eager, so the backward pass is the eager one."""
-        self._fast = _NoGradFast(self.model, torch.compile(self.model, backend=backend, dynamic=False))
+    def compile_prefix(self, backend="inductor", cuda_graphs=False):
+        """Run the denoiser network's calls without grad (the no-grad prefix and evaluation) through a faster copy;
+        calls that record gradients stay eager, so the backward pass is the eager one.
+
+        backend:     a torch.compile backend ("inductor"), or None for no compilation
+        cuda_graphs: replay those calls from CUDA graphs: with "inductor" its ``reduce-overhead`` mode (compiled
+                     kernels, captured), with None the ``cudagraphs`` backend (the eager kernels, captured). Off
+                     CUDA there is nothing to capture: a warning, and the calls run as ``backend`` alone gives.
+        """
+        graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        if cuda_graphs and not graphs:
+            warnings.warn(f"cuda_graphs is on but the model is on {self.device.type}: the no-grad prefix runs "
+                          "without CUDA graphs", stacklevel=2)
+        if graphs and backend in (None, "cudagraphs"):
+            fast = torch.compile(self.model, backend="cudagraphs", dynamic=False)
+        elif graphs:
+            if backend != "inductor":
+                raise ValueError(f"cuda_graphs works with the 'inductor' backend or none, not {backend!r}")
+            fast = torch.compile(self.model, backend=backend, mode="reduce-overhead", dynamic=False)
+        elif backend:
+            fast = torch.compile(self.model, backend=backend, dynamic=False)
+        else:
+            self.__dict__.pop("_fast", None)
+            return
+        self._fast = _NoGradFast(self.model, fast, replays=graphs)
 
     def denoiser(self, conds, cfg):
         n = _batch_of(conds)
@@ -127,14 +150,22 @@ class TorchBundle(ModelBundle):
 
 
 class _NoGradFast:
-    """Dispatch: the compiled network when autograd is off, the eager one when it records a graph."""
+    """Dispatch: the compiled network when autograd is off, the eager one when it records a graph.
 
-    def __init__(self, eager, fast):
-        self.eager, self.fast = eager, fast
+    With CUDA graphs (``replays``) every call is a new step for torch's graph trees, and the output is copied out
+    of the graph's static buffer, which the next replay overwrites (the runner keeps x̂0 across steps)."""
+
+    def __init__(self, eager, fast, replays=False):
+        self.eager, self.fast, self.replays = eager, fast, replays
         self.flow = getattr(eager, "flow", False)
 
     def __call__(self, x, sigma, **extra):
-        return (self.eager if torch.is_grad_enabled() else self.fast)(x, sigma, **extra)
+        if torch.is_grad_enabled():
+            return self.eager(x, sigma, **extra)
+        if not self.replays:
+            return self.fast(x, sigma, **extra)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.fast(x, sigma, **extra).clone()
 
 
 def _module_device(module):

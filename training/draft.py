@@ -83,6 +83,7 @@ class DraftConfig:
     early_stop_patience: int = 0  # stop after N held-out evaluations without improvement (0: never)
     save_every: int = 50          # checkpoint every N steps (0: only at the end); needs a lora_path
     compile_prefix: str = None    # torch.compile backend for no-grad denoiser calls ("inductor"); None: eager
+    cuda_graphs: bool = False     # replay the no-grad denoiser calls from CUDA graphs (CUDA only; see TorchBundle)
 
     def __post_init__(self):
         if self.preset not in PRESET_NAMES:
@@ -105,6 +106,9 @@ class DraftConfig:
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         need(self.lr > 0, "lr must be > 0")
         need(self.rank >= 1, "LoRA rank must be >= 1")
+        need(not self.cuda_graphs or self.compile_prefix in (None, "inductor"),
+             f"cuda_graphs works with compile_prefix 'inductor' (its reduce-overhead mode) or none (the cudagraphs "
+             f"backend), not {self.compile_prefix!r}; drop one of the two")
         problem = METHODS[self.method].check(self)
         need(problem is None, problem)
 
@@ -343,10 +347,11 @@ class Trainer:
             p.requires_grad_(True)
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
         self.sigmas = bundle.sigmas(c.steps, c.scheduler)
-        if c.compile_prefix:
+        if c.compile_prefix or c.cuda_graphs:
             if not hasattr(bundle, "compile_prefix"):
-                raise ValueError("compile_prefix needs a torch bundle (tiny / diffusers); turn it off for this host")
-            bundle.compile_prefix(c.compile_prefix)
+                raise ValueError("compile_prefix and cuda_graphs need a torch bundle (tiny / diffusers); turn them off "
+                                 "for this host")
+            bundle.compile_prefix(c.compile_prefix, cuda_graphs=c.cuda_graphs)
         self.rank, self.world = _dist()
         self.is_main = self.rank == 0          # under torchrun only rank 0 logs, saves and plots
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
@@ -394,9 +399,10 @@ class Trainer:
     # --- the loss ----------------------------------------------------------------------------------------------
 
     def _autocast(self):
+        """bf16/fp16 autocast on the bundle's device; ``amp_dtype`` is None (no autocast) off CUDA."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.bundle.device.type, dtype=self.amp_dtype)
 
     # --- pieces the method records use ----------------------------------------------------------------------
 

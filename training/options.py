@@ -151,6 +151,8 @@ OPTIONS = (
            ui="node-optional"),
     Option("alpha", "LoRA alpha (default: the rank, i.e. scale 1).", ui="cli", type=float),
     Option("compile_prefix", "torch.compile backend for the no-grad prefix (e.g. inductor).", ui="cli", type=str),
+    Option("cuda_graphs", "Replay the no-grad prefix from CUDA graphs (with --compile-prefix inductor: its "
+           "reduce-overhead mode). CUDA only.", ui="cli"),
 )
 BY_INPUT = {o.input_name: o for o in OPTIONS}
 
