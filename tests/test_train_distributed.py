@@ -38,10 +38,16 @@ def launch_two_ranks(logs, out):
 
 
 def single_process_reference():
+    """One thread, as each rank runs: the same reduction order inside every matrix product."""
     args = build_parser().parse_args(["train", *ARGS, "--grad-accum", "2", "--train-steps", "3"])
-    bundle, config, prompts, heldout = build(args)
-    trainer = Trainer(bundle, load_reward(args.reward), config, prompts=prompts, heldout=heldout)
-    trainer.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bundle, config, prompts, heldout = build(args)
+        trainer = Trainer(bundle, load_reward(args.reward), config, prompts=prompts, heldout=heldout)
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
     return trainer
 
 
