@@ -26,7 +26,7 @@ from draft_step import AestheticLikeReward, emit, environment  # noqa: E402
 from reno import SD_VAE, SDXL_UNET, TINY_SDXL_UNET  # noqa: E402
 
 from rewardlab.samplers import DiscreteDenoiser, FlowDenoiser  # noqa: E402
-from rewardlab.samplers.runner import recompute_in_backward  # noqa: E402
+from rewardlab.samplers.runner import checkpointed  # noqa: E402
 from rewardlab.samplers.sigmas import scaled_linear_model_sigmas  # noqa: E402
 from rewardlab.training.bundle import TorchBundle  # noqa: E402
 from rewardlab.training.draft import DraftConfig, Trainer  # noqa: E402
@@ -48,15 +48,9 @@ BLOCK_CLASSES = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsampl
 def checkpoint_blocks(network):
     """Recompute each block of a diffusers network in its own backward (patches the blocks' forwards); returns
     the patched blocks (``del block.forward`` undoes a patch)."""
-    def recomputed(forward):
-        def run(*args, **kwargs):
-            if torch.is_grad_enabled():
-                return recompute_in_backward(forward, *args, **kwargs)
-            return forward(*args, **kwargs)
-        return run
     blocks = [m for m in network.modules() if type(m).__name__ in BLOCK_CLASSES]
     for m in blocks:
-        m.forward = recomputed(m.forward)
+        m.forward = checkpointed(m.forward)
     return blocks
 
 

@@ -11,7 +11,7 @@ import importlib
 import torch
 
 from .. import runtime
-from ..samplers.runner import recompute_in_backward
+from ..samplers.runner import checkpointed
 from .services import managed_patchers
 from ..training.lora import ATTENTION_TARGETS, LoRA, layer_name_patterns, lora_targets
 
@@ -80,7 +80,7 @@ def checkpoint_blocks(model_patcher):
     of the model's block lists (``model_blocks``); the patch lives on this clone only and goes away when it is
     unloaded."""
     for name, block in model_blocks(model_patcher.model.diffusion_model):
-        model_patcher.add_object_patch(f"diffusion_model.{name}.forward", _recomputed(block.forward))
+        model_patcher.add_object_patch(f"diffusion_model.{name}.forward", checkpointed(block.forward))
     return model_patcher
 
 
@@ -99,14 +99,6 @@ def model_blocks(network):
                 yield from ((f"{name}.{j}", layer) for j, layer in enumerate(block))
             else:
                 yield name, block
-
-
-def _recomputed(forward):
-    def run(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return recompute_in_backward(forward, *args, **kwargs)
-        return forward(*args, **kwargs)
-    return run
 
 
 def is_grad_ready(model_patcher):

@@ -176,6 +176,16 @@ def recompute_in_backward(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def checkpointed(forward):
+    """``forward`` that, when recording gradients, keeps no activations and recomputes them in backward (for a
+    model's blocks: host.grad.checkpoint_blocks)."""
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return recompute_in_backward(forward, *args, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
 def _denoise(model, x, sigma, extra, use_checkpoint):
     s = sigma.expand(x.shape[0])
     if use_checkpoint and torch.is_grad_enabled():
