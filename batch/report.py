@@ -1,7 +1,10 @@
 """Rank a batch's output images with a reward model and write an HTML gallery sorted by reward."""
 import html
 import json
+import math
 import os
+
+from ..training.checkpoints import atomic_write
 
 REPORT = "report.html"
 SCORES = "scores.jsonl"
@@ -56,15 +59,29 @@ def score_records(records, out_dir, reward, folder=None):
         for item in items:  # one by one: outputs of a sweep may differ in size
             x = load_image_bchw(os.path.join(out_dir, item["path"]))
             item["score"] = float(reward.forward(x, [item["prompt"]]).reshape(-1)[0])
-    items.sort(key=lambda it: it["score"], reverse=True)
+    items.sort(key=_best_first)
     return items
+
+
+def _best_first(item):
+    """Sort key: highest score first; a NaN score (a broken image or reward) ranks last, never first."""
+    score = item["score"]
+    return (1, 0.0) if score is None or math.isnan(score) else (0, -score)
+
+
+def _score_text(score):
+    return "NaN" if score is None or math.isnan(score) else f"{score:.4f}"
+
+
+def _json_score(score):
+    return None if score is None or not math.isfinite(score) else score  # NaN is not JSON: write null
 
 
 def write_report(out_dir, scored, reward_name, title="RewardLab batch"):
     """scores.jsonl + report.html (a gallery sorted by reward, best first); returns the HTML path."""
-    with open(os.path.join(out_dir, SCORES), "w", encoding="utf-8") as f:
-        for rank, item in enumerate(scored, 1):
-            f.write(json.dumps({"rank": rank, "reward": reward_name, **item}, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps({"rank": rank, "reward": reward_name, **item, "score": _json_score(item["score"])},
+                               ensure_ascii=False, allow_nan=False) + "\n" for rank, item in enumerate(scored, 1))
+    _write_text(os.path.join(out_dir, SCORES), lines)
     cards = []
     for rank, item in enumerate(scored, 1):
         params = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>"
@@ -72,7 +89,7 @@ def write_report(out_dir, scored, reward_name, title="RewardLab batch"):
         src = html.escape(item["path"].replace(os.sep, "/"), quote=True)
         cards.append(
             f'<figure><a href="{src}"><img src="{src}" loading="lazy"></a><figcaption>'
-            f'<b>#{rank}</b> {html.escape(reward_name)} = {item["score"]:.4f}<br>'
+            f'<b>#{rank}</b> {html.escape(reward_name)} = {_score_text(item["score"])}<br>'
             f'<small>{html.escape(item["prompt"])}</small><table>{params}</table>'
             f'<small>run {html.escape(item["key"])}</small></figcaption></figure>')
     page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
@@ -82,6 +99,13 @@ def write_report(out_dir, scored, reward_name, title="RewardLab batch"):
             f"<h1>{html.escape(title)}</h1><p>{len(scored)} images ranked by "
             f"<b>{html.escape(reward_name)}</b> (higher is better).</p><main>{''.join(cards)}</main>")
     path = os.path.join(out_dir, REPORT)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    _write_text(path, page)
     return path
+
+
+def _write_text(path, text):
+    """Atomically: a crash while writing leaves the previous report, never half a page."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)

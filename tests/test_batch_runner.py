@@ -409,3 +409,32 @@ def test_cli_argument_mistakes_exit_2_with_one_line(tmp_path, capsys, flag, valu
         rewardlab_cli.main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and says in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_report_ranks_a_nan_score_last_and_writes_valid_json(tmp_path):
+    """Issue 14 (left over): a NaN score sorted first (NaN compares false) and scores.jsonl held bare NaN, which is
+    not JSON. Now NaN ranks last, is written as null and shown as 'NaN'; the files are written atomically."""
+    import torch
+    from PIL import Image
+
+    from rewardlab.batch.report import score_records, write_report
+
+    records = []
+    for key, level in (("dark", 40), ("broken", 0), ("bright", 220)):
+        os.makedirs(tmp_path / key)
+        Image.new("RGB", (8, 8), (level,) * 3).save(tmp_path / key / "img.png")
+        records.append({"key": key, "status": "success", "params": {}, "prompt": {},
+                        "outputs": [{"path": os.path.join(key, "img.png")}]})
+
+    class MeanOrNaN:  # a reward that fails (NaN) on an all-black image
+        def forward(self, images, prompts):
+            mean = images.mean()
+            return torch.where(mean == 0, torch.tensor(float("nan")), mean).reshape(1)
+
+    scored = score_records(records, str(tmp_path), MeanOrNaN())
+    assert [item["key"] for item in scored] == ["bright", "dark", "broken"]
+    write_report(str(tmp_path), scored, "mean")
+    lines = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]  # strict JSON
+    assert [line["score"] is None for line in lines] == [False, False, True]
+    assert "mean = NaN" in (tmp_path / "report.html").read_text()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
