@@ -303,6 +303,13 @@ def txt2img(g, prompt, negative="blurry, low quality, watermark", batch_size=1, 
     return ckpt, pos, neg, latent, text
 
 
+def sample_and_decode(g, model, pos, neg, latent, vae, title=None, cfg=7.0, scheduler="normal"):
+    """Stock KSampler (seed 0, 20 euler steps) -> VAEDecode; returns (sampler, decode)."""
+    sampler = g.add("KSampler", title, model=model, positive=pos[0], negative=neg[0], latent_image=latent[0],
+                    seed=0, steps=20, cfg=cfg, sampler_name="euler", scheduler=scheduler, denoise=1.0)
+    return sampler, g.add("VAEDecode", samples=sampler[0], vae=vae)
+
+
 @workflow("Score and rank a batch with a reward model")
 def score_and_rank():
     g = Graph("score_and_rank", score_and_rank.title, note=(
@@ -313,9 +320,7 @@ def score_and_rank():
         "--set KSampler.seed=1..8"))
     ckpt, pos, neg, latent, text = txt2img(g, "a photo of a red fox in the snow, golden hour", batch_size=4,
                                            share_prompt=True)
-    sampler = g.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
-                    steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    sampler, decode = sample_and_decode(g, ckpt[0], pos, neg, latent, ckpt[2])
     reward = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
     rank = g.add("RewardLabRankImages", reward=reward[0], images=decode[0], prompts=text, top_k=1,
                  order="best first", latent=sampler[0])
@@ -337,9 +342,7 @@ def inspect_rewards():
         "rest); unmute it and queue once when you need the memory back."))
     ckpt, pos, neg, latent, text = txt2img(g, "a bowl of lemons on a blue table, photo", batch_size=4,
                                            share_prompt=True)
-    sampler = g.add("KSampler", model=ckpt[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
-                    steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    sampler, decode = sample_and_decode(g, ckpt[0], pos, neg, latent, ckpt[2])
     learned = g.add("RewardLabLoadReward", model_name="aesthetic-v2")
     colour = g.add("RewardLabWeightFreeReward", kind="colourfulness")
     combined = g.add("RewardLabCombineRewards", reward_1=learned[0], weight_1=1.0, reward_2=colour[0],
@@ -495,9 +498,7 @@ def guidance_model_patch():
     ckpt, pos, neg, latent, _ = txt2img(g, "a cozy cabin in a snowy forest at night, warm light")
     schedule = g.add("RewardLabGuidanceInterval", cfg=7.0, low=0.28, high=5.42, axis="sigma_edm", outside=1.0)
     patched = g.add("RewardLabApplyGuidanceSchedule", model=ckpt[0], combiner="cfg", cfg_schedule=schedule[0])
-    sampler = g.add("KSampler", model=patched[0], positive=pos[0], negative=neg[0], latent_image=latent[0], seed=0,
-                    steps=20, cfg=7.0, sampler_name="euler", scheduler="karras", denoise=1.0)
-    decode = g.add("VAEDecode", samples=sampler[0], vae=ckpt[2])
+    sampler, decode = sample_and_decode(g, patched[0], pos, neg, latent, ckpt[2], scheduler="karras")
     g.add("SaveImage", images=decode[0], filename_prefix="rewardlab/guidance_patch")
     g.group("Guidance as a model patch", schedule, patched)
     return g
@@ -626,9 +627,7 @@ def draft_options(g, heldout):
 
 def sample_and_save(g, model, pos, neg, latent, vae, prefix, title=None):
     """Stock KSampler -> VAEDecode -> SaveImage; returns those three nodes."""
-    sampler = g.add("KSampler", title, model=model, positive=pos[0], negative=neg[0], latent_image=latent[0],
-                    seed=0, steps=20, cfg=7.5, sampler_name="euler", scheduler="normal", denoise=1.0)
-    decode = g.add("VAEDecode", samples=sampler[0], vae=vae)
+    sampler, decode = sample_and_decode(g, model, pos, neg, latent, vae, title, cfg=7.5)
     return [sampler, decode, g.add("SaveImage", images=decode[0], filename_prefix=prefix)]
 
 
