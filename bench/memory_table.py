@@ -19,13 +19,22 @@ Attention is counted with PyTorch's math kernel (meta tensors), which keeps the 
 a GPU keeps only its log-sum-exp, so real activations are smaller where sequences are long.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/memory_table.py [--families sd15 sdxl sd3 flux lumina2]
+
+``--fixtures`` checks the method against measurement: for the small models of tests/comfyui/families.py (the same
+classes, random weights, fp32, on the CPU) at two latent sizes it prints, beside the meta-device estimate, what a real
+grad call keeps in RSS once its forward is done (under the runner's ``inplace_safe``, as DRaFT runs it), with and
+without block checkpointing, and the peak RSS growth of the checkpointed call's backward. Each measurement runs in
+its own process, with glibc told to return freed memory at once (bench/_timing.py).
 """
 import argparse
+import gc
 import json
 import os
+import subprocess
 import sys
 
 GIB = 2 ** 30
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_comfyui():
@@ -107,9 +116,9 @@ def tensor_bytes(value):
 
 
 def saved_with_blocks(torch, model, run):
-    """Saved bytes of one grad call with every block recomputed in backward (host.grad.checkpoint_blocks): what the
-    call keeps outside the blocks, the blocks' inputs, and the largest block's own activations (alive while that
-    block is recomputed)."""
+    """Saved bytes of one grad call with every block recomputed in backward (host.grad.checkpoint_blocks):
+    (what the call keeps outside the blocks plus the blocks' inputs, the largest block's own activations: alive
+    while that block is recomputed)."""
     from rewardlab.host.grad import model_blocks
     per_block, inputs = [], [0]
     for _, block in model_blocks(model):
@@ -121,7 +130,7 @@ def saved_with_blocks(torch, model, run):
             return box["out"]
         block.forward = counted
     outside, _ = saved_bytes(torch, run)
-    return outside + inputs[0] + max(per_block, default=0)
+    return outside + inputs[0], max(per_block, default=0)
 
 
 def vae_decoder_saved(torch, ops, latent):
@@ -158,7 +167,7 @@ def row(name, spec, torch, ops):
     x = torch.randn(batch, *latent, device="meta", dtype=torch.bfloat16, requires_grad=True)
     t = torch.ones(batch, device="meta")
     acts, weights = saved_bytes(torch, lambda: model(x, t, **inputs(batch)))
-    blocks = saved_with_blocks(torch, model, lambda: model(x, t, **inputs(batch)))
+    blocks = sum(saved_with_blocks(torch, model, lambda: model(x, t, **inputs(batch))))
     vae = vae_decoder_saved(torch, ops, latent)
     vae_tile = vae_decoder_saved(torch, ops, (latent[0], 64, 64))        # 512 px tiles, one alive at a time
     lora = lora_params(torch, model)
@@ -173,10 +182,117 @@ def row(name, spec, torch, ops):
             "estimate_blocks_tiled_gib": round((fixed + blocks + vae_tile) / GIB, 1)}
 
 
+# --- the estimate against measurement, on the test fixtures ----------------------------------------------------------
+
+# name -> (constructor in tests/comfyui/families.py, inputs(batch, make_tensor) -> forward kwargs, latent channels,
+# guidance-distilled, latent sides measured)
+FIXTURES = {
+    "sdxl": ("make_sdxl_unet", lambda b, t: dict(context=t(b, 77, 2048), y=t(b, 2816)), 4, False, (32, 64)),
+    "sd3": ("make_sd3_mmdit", lambda b, t: dict(context=t(b, 77, 4096), y=t(b, 2048)), 16, False, (32, 64)),
+    "flux": ("make_flux", lambda b, t: dict(context=t(b, 256, 4096), y=t(b, 768), guidance=t(b).abs()), 16, True,
+             (32, 64)),
+    "lumina2": ("make_lumina2", lambda b, t: dict(context=t(b, 128, 64), num_tokens=128), 16, False, (32, 64)),
+}
+
+
+def fixture_estimate(torch, make, inputs, shape):
+    """(activations one grad call saves, and with blocks checkpointed: (kept after the forward, the largest block))
+    from a meta forward, fp32."""
+    with torch.device("meta"):
+        model = make(dtype=torch.float32)
+    x = torch.randn(*shape, device="meta", requires_grad=True)
+    t = torch.ones(shape[0], device="meta")
+    kwargs = inputs(shape[0], lambda *s: torch.randn(*s, device="meta"))
+    acts, _ = saved_bytes(torch, lambda: model(x, t, **kwargs))
+    return acts, saved_with_blocks(torch, model, lambda: model(x, t, **kwargs))
+
+
+def _rss():
+    from _timing import _status_bytes
+    gc.collect()
+    return _status_bytes("VmRSS")
+
+
+def measure_fixture(name, side):
+    """One row of ``--fixtures`` (runs in its own process)."""
+    load_comfyui()
+    import torch
+    sys.path[:0] = [HERE, os.path.join(HERE, "..", "tests", "comfyui")]
+    import families as fixture_models
+    from _timing import measure
+    from rewardlab.host.grad import model_blocks
+    from rewardlab.samplers.runner import checkpointed, inplace_safe
+
+    constructor, inputs, channels, distilled, _ = FIXTURES[name]
+    make = getattr(fixture_models, constructor)
+    shape = (1 if distilled else 2, channels, side, side)
+    acts, (blocks_kept, largest_block) = fixture_estimate(torch, make, inputs, shape)
+
+    torch.manual_seed(0)
+    model = make(dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)     # comfy ops leave weights uninitialised; the values do not change the memory
+    x = torch.randn(*shape, requires_grad=True)
+    t = torch.full((shape[0],), 0.5)
+    kwargs = inputs(shape[0], torch.randn)
+
+    def grad_call():
+        with inplace_safe():                   # as the runner's grad steps call the model
+            return model(x, t, **kwargs)
+
+    start = _rss()
+    with measure("cpu") as forward:
+        out = grad_call()
+    kept = _rss() - start
+    del out
+    for _, block in model_blocks(model):
+        block.forward = checkpointed(block.forward)
+    start = _rss()
+    out = grad_call()
+    kept_blocks = _rss() - start
+    with measure("cpu") as backward:
+        torch.autograd.grad(out.square().mean(), x)
+    blocks_peak = kept_blocks + backward["growth_GiB"] * GIB
+
+    def gib(n):
+        return round(n / GIB, 4)
+    return {"family": name, "latent": side, "batch": shape[0], "dtype": "fp32",
+            "estimate_saved_gib": gib(acts), "rss_kept_gib": gib(kept), "ratio": round(kept / acts, 2),
+            "estimate_blocks_kept_gib": gib(blocks_kept), "rss_blocks_kept_gib": gib(kept_blocks),
+            "ratio_blocks_kept": round(kept_blocks / blocks_kept, 2),
+            "estimate_blocks_peak_gib": gib(blocks_kept + largest_block), "rss_blocks_peak_gib": gib(blocks_peak),
+            "ratio_blocks_peak": round(blocks_peak / (blocks_kept + largest_block), 2),
+            "forward_peak_growth_gib": round(forward["growth_GiB"], 4), "forward_cpu_s": round(forward["cpu_s"], 1)}
+
+
+def check_fixtures(names):
+    from _timing import MALLOC_ENV
+    env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    for name in names:
+        for side in FIXTURES[name][4]:
+            proc = subprocess.run([sys.executable, __file__, "--measure-fixture", name, str(side)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                print(json.dumps({"family": name, "latent": side, "error": proc.stderr.strip()[-2000:]}), flush=True)
+            else:
+                print(proc.stdout.strip().splitlines()[-1], flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=["sd15", "sdxl", "sd3", "flux", "lumina2"])
+    p.add_argument("--fixtures", nargs="*", metavar="FAMILY",
+                   help=f"check the estimate against peak RSS on the test fixtures ({', '.join(FIXTURES)}; "
+                        "none named: all)")
+    p.add_argument("--measure-fixture", nargs=2, metavar=("FAMILY", "LATENT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.measure_fixture:
+        print(json.dumps(measure_fixture(args.measure_fixture[0], int(args.measure_fixture[1]))), flush=True)
+        return
+    if args.fixtures is not None:
+        check_fixtures(args.fixtures or list(FIXTURES))
+        return
     load_comfyui()
     import comfy.ops
     import torch

@@ -45,51 +45,70 @@ def save(module, path, dtype=torch.float16):
     safetensors.torch.save_file(sd, str(path))
 
 
-def build_sdxl_unet(path):
+def make_sdxl_unet(**kw):
+    """The fixture's network, uninitialised (``kw``: dtype/device for ComfyUI's constructors; bench/memory_table.py
+    measures these)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2],
+    return UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2],
                      channel_mult=[1, 2, 4],
                      transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1],
                      transformer_depth_middle=1, context_dim=2048, num_head_channels=64,
                      use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
-                     use_spatial_transformer=True, legacy=False, operations=comfy.ops.disable_weight_init)
+                     use_spatial_transformer=True, legacy=False, operations=comfy.ops.disable_weight_init, **kw)
+
+
+def build_sdxl_unet(path):
+    unet = make_sdxl_unet()
     init_(unet, seed=11)
     save(unet, path)
 
 
-def build_sd3_mmdit(path):
+def make_sd3_mmdit(**kw):
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    mmdit = MMDiT(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
-                  context_embedder_config={"target": "torch.nn.Linear",
-                                           "params": {"in_features": 4096, "out_features": 128}},
-                  pos_embed_max_size=32, num_patches=32 * 32, pos_embed_scaling_factor=None,
-                  operations=comfy.ops.disable_weight_init)
+    return MMDiT(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
+                 context_embedder_config={"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": 128}},
+                 pos_embed_max_size=32, num_patches=32 * 32, pos_embed_scaling_factor=None,
+                 operations=comfy.ops.disable_weight_init, **kw)
+
+
+def build_sd3_mmdit(path):
+    mmdit = make_sd3_mmdit()
     init_(mmdit, seed=12)
     save(mmdit, path)
 
 
-def build_flux(path):
+def make_flux(**kw):
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    flux = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+    return Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
-                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, operations=comfy.ops.disable_weight_init)
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+                operations=comfy.ops.disable_weight_init, **kw)
+
+
+def build_flux(path):
+    flux = make_flux()
     init_(flux, std=0.01, seed=13)
     save(flux, path, torch.bfloat16)
 
 
-def build_lumina2(path):
+def make_lumina2(**kw):
     import comfy.ops
     from comfy.ldm.lumina.model import NextDiT
 
-    dit = NextDiT(patch_size=2, in_channels=16, dim=2304, n_layers=1, n_heads=24, n_kv_heads=8, qk_norm=True,
-                  cap_feat_dim=LUMINA_TEXT_DIM, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
-                  operations=comfy.ops.disable_weight_init)
+    return NextDiT(patch_size=2, in_channels=16, dim=2304, n_layers=1, n_heads=24, n_kv_heads=8, qk_norm=True,
+                   cap_feat_dim=LUMINA_TEXT_DIM, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
+                   operations=comfy.ops.disable_weight_init, **kw)
+
+
+def build_lumina2(path):
+    dit = make_lumina2()
     init_(dit, std=0.01, seed=14)
     save(dit, path, torch.bfloat16)
 

@@ -74,3 +74,27 @@ def test_unload_node_and_comfy_unload_all_release_the_reward(comfy, reward):
     assert reward_patcher(reward) is not None
     assert RewardLabUnloadRewards().unload("conv-test")[0].startswith("unloaded 1")
     assert reward_patcher(reward) is None and not [k for k in registry.cached() if k[0] == "conv-test"]
+
+
+def test_memory_table_checks_its_estimate_on_a_fixture():
+    """bench/memory_table.py --fixtures: the meta-device estimate next to the RSS a real grad call keeps, for the SD3
+    fixture in child processes. Block checkpointing must keep less, in the estimate and in the measurement."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "memory_table.py"), "--fixtures", "sd3"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["family"], r["latent"]) for r in rows] == [("sd3", 32), ("sd3", 64)], proc.stdout + proc.stderr
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rss_kept_gib"] > 0 and r["estimate_saved_gib"] > 0
+        assert r["estimate_blocks_kept_gib"] < r["estimate_saved_gib"]
+        assert r["rss_blocks_kept_gib"] < r["rss_kept_gib"]
+    assert rows[1]["estimate_saved_gib"] > 2 * rows[0]["estimate_saved_gib"]   # 4x the tokens
+    assert rows[1]["rss_kept_gib"] > rows[0]["rss_kept_gib"]
