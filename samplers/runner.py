@@ -14,6 +14,7 @@ How the methods map onto it (see docs/methods.md):
   ReNO/DOODL   the noise is the leaf: Policy.all(checkpoint=True) and x_T requires grad
 """
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -136,36 +137,52 @@ def _detached(value):
     return value
 
 
+class _Saved:
+    """Stands in the graph for one tensor a checkpointed function saved. The graph drops it once the operation that
+    saved it has run in backward (or when the graph is freed), and the recomputed tensor goes with it."""
+    __slots__ = ("__weakref__",)
+
+
 class _Checkpoint:
-    """Saved-tensor hooks that keep only an index per saved tensor; the first unpack in backward runs ``fn`` again
-    (same inputs, same autocast) and records what it saves, copying activations as ``inplace_safe`` does. The graph
-    is recorded in the forward, so ``torch.autograd.grad`` with any inputs (LoRA weights, the noise) works."""
+    """Saved-tensor hooks that keep only a placeholder per saved tensor; the first unpack in backward runs ``fn``
+    again (same inputs, same autocast) and records what it saves, copying activations as ``inplace_safe`` does. The
+    graph is recorded in the forward, so ``torch.autograd.grad`` with any inputs (LoRA weights, the noise) works.
+
+    A recomputed tensor lives only as long as its placeholder: an operation that has run in backward frees what it
+    saved, so one block's recomputed activations are alive at a time, even when part of the graph never runs
+    (``autograd.grad`` with respect to some inputs only)."""
 
     def __init__(self, fn, args, kwargs):
         self.fn, self.args, self.kwargs = fn, _detached(args), _detached(kwargs)
-        self.autocast, self.count, self.saved = _autocast_states(), 0, None
+        self.autocast, self.placeholders, self.saved = _autocast_states(), [], weakref.WeakKeyDictionary()
 
     def pack(self, t):
-        self.count += 1
-        return self.count - 1
+        placeholder = _Saved()
+        self.placeholders.append(weakref.ref(placeholder))
+        return placeholder
 
-    def unpack(self, index):
-        if self.saved is None:
-            self.saved = []
-            with contextlib.ExitStack() as stack:
-                for device, enabled, dtype in self.autocast:
-                    stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-                stack.enter_context(torch.enable_grad())
-                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._record, _unpack))
-                self.fn(*self.args, **self.kwargs)
-            if len(self.saved) != self.count:     # a model whose recomputation differs would get wrong gradients
-                raise RuntimeError(f"checkpoint recomputation saved {len(self.saved)} tensors where the forward "
-                                   f"saved {self.count}: this model does not compute the same way twice; turn "
-                                   "checkpointing off")
-        return self.saved[index]
+    def unpack(self, placeholder):
+        if placeholder not in self.saved:
+            self._recompute()
+        return self.saved[placeholder]
 
-    def _record(self, t):
-        self.saved.append(_snapshot(t))
+    def _recompute(self):
+        recorded = []
+        with contextlib.ExitStack() as stack:
+            for device, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(
+                lambda t: recorded.append(_snapshot(t)), _unpack))
+            self.fn(*self.args, **self.kwargs)
+        if len(recorded) != len(self.placeholders):   # a model whose recomputation differs would get wrong gradients
+            raise RuntimeError(f"checkpoint recomputation saved {len(recorded)} tensors where the forward "
+                               f"saved {len(self.placeholders)}: this model does not compute the same way twice; "
+                               "turn checkpointing off")
+        for ref, tensor in zip(self.placeholders, recorded):
+            placeholder = ref()
+            if placeholder is not None:                # None: its operation already ran and let it go
+                self.saved[placeholder] = tensor
 
 
 def recompute_in_backward(fn, *args, **kwargs):
