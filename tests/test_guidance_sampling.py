@@ -245,3 +245,26 @@ def test_adaptive_guidance_space_decides_when_it_latches():
         latched[space] = run.state[("adaptive_guidance", id(gate))]
     print("adaptive guidance latches at step", latched)
     assert latched["eps"] == 0 and latched["x0"] >= 3, latched
+
+
+@pytest.mark.parametrize("kw", [dict(strength=300.0), dict(strength=10.0, through_model=False),
+                                dict(strength=0.0, backward_steps=3, backward_lr=50.0)])
+def test_reward_guidance_leaves_a_sample_unguided_when_its_reward_gradient_is_nan(kw, caplog):
+    """Issue 14 (left over): a reward whose gradient is NaN for one sample turned that whole image into NaN. Now that
+    sample is left unguided (the same as without reward guidance), the others are guided, and a warning says so."""
+    sigmas = sd_sigmas(STEPS)
+
+    def nan_for_first(images, prompts=None):
+        r = brightness(images)
+        return torch.cat([r[:1] * torch.sqrt(-torch.ones(())), r[1:]])   # sqrt(-1): NaN value and gradient
+
+    x = x_T(sigmas)                                                   # two samples
+    _, plain, _, _ = setup(scale=3.0)
+    base, _ = plain.sample(x, sigmas)
+    _, guided, _, _ = setup(scale=3.0, reward=RewardGuidance(nan_for_first, decode=decode, **kw))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="rewardlab"):
+        out, _ = guided.sample(x, sigmas)
+    assert torch.isfinite(out.x).all()
+    torch.testing.assert_close(out.x[:1], base.x[:1])               # the NaN sample: unguided
+    assert (brightness(decode(out.x[1:])) > brightness(decode(base.x[1:])) + 0.02).all()
+    assert "NaN/Inf for 1 of 2 samples" in caplog.text

@@ -13,9 +13,13 @@ x_{t−1} back to σ_t with fresh noise, and guide again, k times; the last x_{t
 this is done with the first-order (DDIM/Euler) step and the call returns D' + σ'/(σ − σ')·(x_k − x), which makes
 the sampler's own first-order step from x land exactly on the step from the recurred x_k (σ' the next grid σ).
 """
+import logging
+
 import torch
 
 from ..runner import inplace_safe
+
+log = logging.getLogger("rewardlab")
 from .schedules import as_schedule
 
 
@@ -83,7 +87,7 @@ class RewardGuidance:
                     d_in = D.clone().requires_grad_(True)
                     grad, = torch.autograd.grad(self.score(d_in).sum(), d_in)
             if grad is not None:
-                D = D + s * ctx.sigma**2 * grad
+                D = D + s * ctx.sigma**2 * _finite_or_zero(grad)
             if self.backward_steps:
                 D = D + self._backward_delta(D)
         return D.detach()
@@ -92,10 +96,21 @@ class RewardGuidance:
         delta = torch.zeros_like(D, requires_grad=True)
         for _ in range(self.backward_steps):
             g, = torch.autograd.grad(self.score(D + delta).sum(), delta)
-            delta = (delta + self.backward_lr * g).detach().requires_grad_(True)
+            delta = (delta + self.backward_lr * _finite_or_zero(g)).detach().requires_grad_(True)
         return delta.detach()
 
     def __repr__(self):
         return (f"RewardGuidance(strength={self.strength}, window=({self.start}, {self.end}), "
                 f"backward_steps={self.backward_steps}, through_model={self.through_model}, "
                 f"recurrence={self.recurrence})")
+
+
+def _finite_or_zero(grad):
+    """The reward gradient with the samples whose gradient is not finite (a NaN reward, an overflow) left unguided
+    for this step, instead of turning their whole image into NaN."""
+    bad = ~torch.isfinite(grad).flatten(1).all(1)
+    if not bad.any():
+        return grad
+    log.warning("reward guidance: the reward gradient is NaN/Inf for %d of %d samples; they are not guided at this "
+                "step (check the reward and the strength)", int(bad.sum()), len(bad))
+    return torch.where(bad.view(-1, *[1] * (grad.dim() - 1)), torch.zeros_like(grad), grad)
