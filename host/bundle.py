@@ -76,7 +76,7 @@ class ComfyBundle(ModelBundle):
         self.patcher, adapters = lora_patcher(self.model, rank=rank, alpha=alpha, targets=targets)
         if self.checkpoint_blocks:
             checkpoint_blocks(self.patcher)
-        self.vae_patcher = grad_vae(self.vae)
+        self.vae_patcher = grad_vae(self.vae, decode_only=True)   # DRaFT never encodes: the encoder stays off
         load_for_training(self.patcher)
         return adapters
 

@@ -13,10 +13,28 @@ from .grad import grad_ready
 CLAMPS = ("straight_through", "hard", "none")
 
 
-def grad_vae(vae):
-    """A grad-ready clone of ``vae.patcher`` for ``decode`` (make it once per optimisation, not per step)."""
+def grad_vae(vae, decode_only=False):
+    """A grad-ready clone of ``vae.patcher`` for ``decode`` (make it once per optimisation, not per step).
+
+    ``decode_only``: while the clone is loaded, the VAE's encoder is swapped for a stand-in (an object patch), so
+    ComfyUI leaves the encoder's weights where they are instead of loading them with the decoder. Only for a clone
+    that is unloaded (``host.grad.release``) before the VAE encodes again: DRaFT's bundle."""
     vae.throw_exception_if_invalid()
-    return grad_ready(vae.patcher)
+    patcher = vae.patcher
+    if decode_only and isinstance(getattr(patcher.model, "encoder", None), torch.nn.Module):
+        encoder_size = importlib.import_module("comfy.model_management").module_size(patcher.model.encoder)
+        patcher = patcher.clone()
+        patcher.add_object_patch("encoder", EncoderLeftOut())
+        patcher.size = patcher.model_size() - encoder_size      # what ComfyUI plans and reports as loaded
+    return grad_ready(patcher)
+
+
+class EncoderLeftOut(torch.nn.Module):
+    """Stands in for the encoder of a decode-only VAE clone while it is loaded."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this VAE copy only decodes (RewardLab left its encoder off the device); unload it with "
+                           "host.grad.release before encoding")
 
 
 def decode(vae, latent, patcher=None, clamp="straight_through", tile=0):
@@ -28,8 +46,9 @@ def decode(vae, latent, patcher=None, clamp="straight_through", tile=0):
            "hard": stock clamp, zero gradient outside [0, 1]; "none": unclamped (x+1)/2.
     tile:  decode in overlapping tiles of this many image pixels (0: in one piece), for images whose decoder
            activations would not fit: each tile is recomputed in backward, so one tile's activations are alive at a
-           time; the tiles are blended with linear ramps over their overlap, and gradients flow through every tile. Near seams the result differs a little from the untiled decode (the decoder's
-           group norms see one tile at a time), as with ComfyUI's own VAEDecodeTiled.
+           time; the tiles are blended with linear ramps over their overlap, and gradients flow through every tile.
+           Near seams the result differs a little from the untiled decode (the decoder's group norms see one tile at
+           a time), as with ComfyUI's own VAEDecodeTiled.
     """
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {', '.join(CLAMPS)}, got {clamp!r}")
