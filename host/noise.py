@@ -52,7 +52,7 @@ def run_noise_method(model, positive, negative, cfg, vae, latent, steps, sampler
         return result
 
     with grad_enabled():
-        patcher, vae_patcher = grad_ready(model), grad_vae(vae)
+        patcher, vae_patcher = grad_ready(model), grad_vae(vae, decode_only=True)   # released below
         if checkpoint_model_blocks:
             checkpoint_blocks(patcher)
         try:

@@ -152,6 +152,30 @@ def conds(comfy, clip):
 
 # --- a real headless server ---------------------------------------------------------------------------------------
 
+@pytest.fixture()
+def vae_loads(vae, monkeypatch):
+    """What loading the VAE does while a test runs: ``moved`` gets an entry whenever one of the encoder's modules is
+    moved (ComfyUI moves modules with ``.to()``, which goes through ``_apply``), ``loaded`` gets (ComfyUI's loaded
+    size, the encoder's type) for every load of a patcher of this VAE. Undone after the test."""
+    import comfy.model_management as mm
+    watch = type("VaeLoads", (), {})()
+    watch.moved, watch.loaded, watch.encoder = [], [], vae.first_stage_model.encoder
+
+    def counted(real):
+        return lambda *args, **kwargs: watch.moved.append(1) or real(*args, **kwargs)
+    for module in watch.encoder.modules():
+        monkeypatch.setattr(module, "_apply", counted(module._apply))
+    real_load = mm.load_models_gpu
+
+    def load(models, *args, **kwargs):
+        real_load(models, *args, **kwargs)
+        watch.loaded.extend((m.loaded_size(), type(m.model.encoder)) for m in models
+                            if m.model is vae.first_stage_model)
+    monkeypatch.setattr(mm, "load_models_gpu", load)
+    watch.decoder_only = mm.module_size(vae.first_stage_model) - mm.module_size(watch.encoder)
+    return watch
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -160,3 +160,16 @@ def test_the_largest_seed_the_nodes_accept_works(comfy, unet, vae, conds):
         noise, *_ = RewardLabReNOOptimiseNoise().optimise(unet, conds[0], conds[1], vae, _zeros(), _red(), 1, "euler",
                                                           "normal", CFG, 2**64 - 1, 1, 2, 5.0, 0.01, perturbation=1e-4)
     assert noise.seed == 2**64 - 1
+
+
+def test_reno_and_search_load_the_vae_without_its_encoder(comfy, unet, vae, conds, vae_loads):
+    """Like DRaFT (test_train_comfy.py), ReNO and noise search decode with a VAE clone whose encoder stays off the
+    device, and the VAE has its encoder back afterwards."""
+    from rewardlab.host.vae import EncoderLeftOut
+
+    _reno(unet, vae, conds, build_simple("brightness", {}, {}), iterations=1)
+    with torch.inference_mode():
+        RewardLabNoiseSearch().search(unet, conds[0], conds[1], vae, _zeros(), build_simple("brightness", {}, {}),
+                                      1, "euler", "normal", 1.0, 0, 1, "random", 2)
+    assert len(vae_loads.loaded) >= 2 and set(vae_loads.loaded) == {(vae_loads.decoder_only, EncoderLeftOut)}
+    assert not vae_loads.moved and vae.first_stage_model.encoder is vae_loads.encoder

@@ -148,7 +148,7 @@ def test_reno_with_a_video_shaped_latent_names_the_fix(comfy, unet, vae, conds):
                                               load_reward("brightness"), 1, "euler", "normal", 1.0, 0, 1, 2, 1.0, 0.01)
 
 
-def test_draft_loads_the_vae_without_its_encoder_and_gives_it_back(comfy, unet, vae, conds, out_dir, monkeypatch):
+def test_draft_loads_the_vae_without_its_encoder_and_gives_it_back(comfy, unet, vae, conds, out_dir, vae_loads):
     """Issue 11: during DRaFT the VAE encoder stays off the device (only the decoder carries gradients): ComfyUI
     neither moves the encoder's weights nor counts them as loaded, and after the node the VAE encodes as before."""
     import comfy.model_management as mm
@@ -156,34 +156,19 @@ def test_draft_loads_the_vae_without_its_encoder_and_gives_it_back(comfy, unet, 
     from rewardlab.host.grad import grad_enabled, release
     from rewardlab.host.vae import EncoderLeftOut, decode, grad_vae
 
-    encoder = vae.first_stage_model.encoder
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         before = vae.encode(image)
-    moved, loaded = [], []
-    def counted(real):
-        return lambda *args, **kwargs: moved.append(1) or real(*args, **kwargs)
-    for module in encoder.modules():           # ComfyUI moves modules with .to(), which goes through _apply
-        monkeypatch.setattr(module, "_apply", counted(module._apply))
-    real = mm.load_models_gpu
-
-    def spy(models, *args, **kwargs):
-        real(models, *args, **kwargs)
-        loaded.extend((m.loaded_size(), type(m.model.encoder)) for m in models if m.model is vae.first_stage_model)
-    monkeypatch.setattr(mm, "load_models_gpu", spy)
-
-    with torch.inference_mode(), grad_enabled():        # control: the plain grad clone loads the encoder too
-        vp = grad_vae(vae)
-        decode(vae, torch.zeros(1, 4, 8, 8), patcher=vp)
-        release(vp)
-    assert moved and loaded == [(mm.module_size(vae.first_stage_model), type(encoder))]
-    moved.clear(), loaded.clear()
+        vae_loads.moved.clear(), vae_loads.loaded.clear()
+        with grad_enabled():                     # control: the plain grad clone loads the encoder too
+            vp = grad_vae(vae)
+            decode(vae, torch.zeros(1, 4, 8, 8), patcher=vp)
+            release(vp)
+    assert vae_loads.moved and vae_loads.loaded == [(mm.module_size(vae.first_stage_model), type(vae_loads.encoder))]
+    vae_loads.moved.clear(), vae_loads.loaded.clear()
     train(unet, vae, positive=conds[0], negative=conds[1], training_steps=1, name="draft_vae_test")
-
-    decoder_only = mm.module_size(vae.first_stage_model) - mm.module_size(encoder)
-    assert loaded and set(loaded) == {(decoder_only, EncoderLeftOut)}
-    assert not moved
-    assert vae.first_stage_model.encoder is encoder
-    monkeypatch.undo()
+    assert vae_loads.loaded and set(vae_loads.loaded) == {(vae_loads.decoder_only, EncoderLeftOut)}
+    assert not vae_loads.moved
+    assert vae.first_stage_model.encoder is vae_loads.encoder
     with torch.inference_mode():
         torch.testing.assert_close(vae.encode(image), before)
