@@ -18,7 +18,7 @@ def grad_vae(vae, decode_only=False):
 
     ``decode_only``: while the clone is loaded, the VAE's encoder is swapped for a stand-in (an object patch), so
     ComfyUI leaves the encoder's weights where they are instead of loading them with the decoder. Only for a clone
-    that is unloaded (``host.grad.release``) before the VAE encodes again: DRaFT's bundle."""
+    that is unloaded (``host.grad.release``) before the VAE encodes again: DRaFT's bundle, ReNO and noise search."""
     vae.throw_exception_if_invalid()
     patcher = vae.patcher
     if decode_only and isinstance(getattr(patcher.model, "encoder", None), torch.nn.Module):
