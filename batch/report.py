@@ -4,7 +4,7 @@ import json
 import math
 import os
 
-from ..training.checkpoints import atomic_write
+from ..training.checkpoints import atomic_write_text
 
 REPORT = "report.html"
 SCORES = "scores.jsonl"
@@ -81,7 +81,7 @@ def write_report(out_dir, scored, reward_name, title="RewardLab batch"):
     """scores.jsonl + report.html (a gallery sorted by reward, best first); returns the HTML path."""
     lines = "".join(json.dumps({"rank": rank, "reward": reward_name, **item, "score": _json_score(item["score"])},
                                ensure_ascii=False, allow_nan=False) + "\n" for rank, item in enumerate(scored, 1))
-    _write_text(os.path.join(out_dir, SCORES), lines)
+    atomic_write_text(os.path.join(out_dir, SCORES), lines)
     cards = []
     for rank, item in enumerate(scored, 1):
         params = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(json.dumps(v))}</td></tr>"
@@ -99,13 +99,5 @@ def write_report(out_dir, scored, reward_name, title="RewardLab batch"):
             f"<h1>{html.escape(title)}</h1><p>{len(scored)} images ranked by "
             f"<b>{html.escape(reward_name)}</b> (higher is better).</p><main>{''.join(cards)}</main>")
     path = os.path.join(out_dir, REPORT)
-    _write_text(path, page)
+    atomic_write_text(path, page)   # a crash while writing leaves the previous report, never half a page
     return path
-
-
-def _write_text(path, text):
-    """Atomically: a crash while writing leaves the previous report, never half a page."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)

@@ -64,6 +64,14 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def atomic_write_text(path, text):
+    """``atomic_write`` for a text file (UTF-8): logs, summaries, reports."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def save_lora_file(lora_sd, path, metadata=None):
     """Write a LoRA state dict as safetensors, atomically."""
     from safetensors.torch import save_file

@@ -185,7 +185,7 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
         save_image(training_curve(result.log, f"{config.method} on {getattr(reward, 'name', 'reward')}"),
                    stem + "_curve.png")
         record = {"summary": summary, "config": vars_of(config), "log": result.log}
-        ckpt.atomic_write(stem + "_log.json", lambda tmp: _write_json(record, tmp))
+        ckpt.atomic_write_text(stem + "_log.json", json.dumps(record, indent=1))
         summary.update(before=stem + "_before.png", after=stem + "_after.png", curve=stem + "_curve.png")
     _barrier()
     return summary
@@ -193,11 +193,6 @@ def train_and_report(bundle, config, reward, prompts, heldout, out, name, resume
 
 def _quiet(*_):
     pass
-
-
-def _write_json(value, path):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
 
 
 def vars_of(config):
@@ -281,6 +276,6 @@ def demo_training(out_dir, train_steps=40, seed=0, reward_name="colourfulness", 
                              line_plot(held, title="held-out reward (step 0: the base model)", xlabel="step",
                                        x=scored)]), curve_png)
     summary.update(comparison=comparison, curves=curve_png)
-    ckpt.atomic_write(os.path.join(out_dir, "demo_summary.json"), lambda tmp: _write_json(summary, tmp))
+    ckpt.atomic_write_text(os.path.join(out_dir, "demo_summary.json"), json.dumps(summary, indent=1))
     log(f"wrote {comparison}, {curve_png} and the LoRAs to {out_dir}")
     return summary
