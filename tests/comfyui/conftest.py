@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -158,8 +159,9 @@ def vae_loads(vae, monkeypatch):
     moved (ComfyUI moves modules with ``.to()``, which goes through ``_apply``), ``loaded`` gets (ComfyUI's loaded
     size, the encoder's type) for every load of a patcher of this VAE. Undone after the test."""
     import comfy.model_management as mm
-    watch = type("VaeLoads", (), {})()
-    watch.moved, watch.loaded, watch.encoder = [], [], vae.first_stage_model.encoder
+    encoder = vae.first_stage_model.encoder
+    watch = types.SimpleNamespace(moved=[], loaded=[], encoder=encoder,
+                                  decoder_only=mm.module_size(vae.first_stage_model) - mm.module_size(encoder))
 
     def counted(real):
         return lambda *args, **kwargs: watch.moved.append(1) or real(*args, **kwargs)
@@ -172,7 +174,6 @@ def vae_loads(vae, monkeypatch):
         watch.loaded.extend((m.loaded_size(), type(m.model.encoder)) for m in models
                             if m.model is vae.first_stage_model)
     monkeypatch.setattr(mm, "load_models_gpu", load)
-    watch.decoder_only = mm.module_size(vae.first_stage_model) - mm.module_size(watch.encoder)
     return watch
 
 
